@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -177,7 +177,7 @@ class StatusMessage(_Message):
     status: Status
     vm_name: str = ""
     zone: str = ""
-    time: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    time: datetime = Field(default_factory=lambda: datetime.now(UTC))
     exit_code: int | None = None
     reason: str | None = None
     log_tail: str | None = None

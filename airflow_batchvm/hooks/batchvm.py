@@ -1,0 +1,319 @@
+"""Hooks for the two services a batch job touches: Pub/Sub (job and status) and Compute Engine (its VM).
+
+Built on the google provider's ``GoogleBaseHook`` so that ``gcp_conn_id`` and
+``impersonation_chain`` mean what they mean everywhere else. Local mode differs only in
+endpoints: ``PUBSUB_EMULATOR_HOST`` (honoured by the Pub/Sub clients themselves) and a Compute
+``api_endpoint`` (``compute_api_endpoint`` or ``$BATCHVM_COMPUTE_API_ENDPOINT``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from airflow.providers.google.common.hooks.base_google import GoogleBaseAsyncHook, GoogleBaseHook
+from google.api_core import exceptions as gexc
+from google.api_core.client_options import ClientOptions
+from google.api_core.retry import Retry, if_exception_type
+from google.api_core.retry_async import AsyncRetry
+from google.cloud import compute_v1, pubsub_v1
+from google.protobuf.duration_pb2 import Duration
+from google.pubsub_v1.services.subscriber.async_client import SubscriberAsyncClient
+from google.pubsub_v1.types import ExpirationPolicy, ReceivedMessage
+
+from airflow_batchvm.wire import JOB_TOPIC, STATUS_TOPIC, JobSpec
+
+COMPUTE_ENDPOINT_ENV = "BATCHVM_COMPUTE_API_ENDPOINT"
+
+# A per-job subscription nobody pulls for a day is deleted by Pub/Sub itself (one day is the
+# minimum it allows): the safety net for a task that crashed before it could clean up.
+SUBSCRIPTION_TTL_SECONDS = 24 * 3600
+# The agent extends the job's lease while it runs; a short base deadline means a job whose VM was
+# lost is redelivered within a minute.
+JOB_ACK_DEADLINE_SECONDS = 60
+# The watcher never acks a terminal status (the task deletes the subscription instead), so a
+# restarted triggerer sees it again after this long.
+STATUS_ACK_DEADLINE_SECONDS = 20
+
+# Unavailable / deadline errors are what a Pub/Sub or Compute blip looks like.
+_TRANSIENT = (gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.InternalServerError, gexc.TooManyRequests)
+API_RETRY = Retry(predicate=if_exception_type(*_TRANSIENT), initial=0.5, maximum=10, timeout=120)
+
+
+class VmInsertError(RuntimeError):
+    """Compute Engine refused or failed to create the VM; ``reason`` is its error code."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class JobNames:
+    """Everything named after a job id, in one place."""
+
+    project_id: str
+    job_id: str
+
+    @property
+    def vm_name(self) -> str:
+        return f"bvm-{self.job_id}"
+
+    @property
+    def job_topic(self) -> str:
+        return f"projects/{self.project_id}/topics/{JOB_TOPIC}"
+
+    @property
+    def status_topic(self) -> str:
+        return f"projects/{self.project_id}/topics/{STATUS_TOPIC}"
+
+    @property
+    def job_subscription(self) -> str:
+        return f"projects/{self.project_id}/subscriptions/batchvm-job-{self.job_id}"
+
+    @property
+    def status_subscription(self) -> str:
+        return f"projects/{self.project_id}/subscriptions/batchvm-status-{self.job_id}"
+
+
+def short_name(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
+
+
+class BatchVmHook(GoogleBaseHook):
+    """Publishes jobs, manages the per-job subscriptions, and creates, reads and deletes job VMs."""
+
+    def __init__(
+        self,
+        gcp_conn_id: str = "google_cloud_default",
+        impersonation_chain: str | Sequence[str] | None = None,
+        compute_api_endpoint: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(gcp_conn_id=gcp_conn_id, impersonation_chain=impersonation_chain, **kwargs)
+        self.compute_api_endpoint = compute_api_endpoint or os.environ.get(COMPUTE_ENDPOINT_ENV) or None
+
+    # -- clients -------------------------------------------------------------------------------
+
+    @cached_property
+    def publisher(self) -> pubsub_v1.PublisherClient:
+        return pubsub_v1.PublisherClient(credentials=self.get_credentials())
+
+    @cached_property
+    def subscriber(self) -> pubsub_v1.SubscriberClient:
+        return pubsub_v1.SubscriberClient(credentials=self.get_credentials())
+
+    @property
+    def _compute_options(self) -> ClientOptions | None:
+        return ClientOptions(api_endpoint=self.compute_api_endpoint) if self.compute_api_endpoint else None
+
+    @cached_property
+    def instances(self) -> compute_v1.InstancesClient:
+        return compute_v1.InstancesClient(
+            credentials=self.get_credentials(), client_options=self._compute_options
+        )
+
+    @cached_property
+    def zone_operations(self) -> compute_v1.ZoneOperationsClient:
+        # operation.result() would poll the default endpoint; our own client keeps local mode honest.
+        return compute_v1.ZoneOperationsClient(
+            credentials=self.get_credentials(), client_options=self._compute_options
+        )
+
+    # -- Pub/Sub -------------------------------------------------------------------------------
+
+    def create_job_subscriptions(self, names: JobNames) -> None:
+        """Create the job and status subscriptions, filtered on the job id, before anything is published.
+
+        Idempotent, so a retried task that got this far before does not fail on "already exists".
+        """
+        job_filter = f'attributes.job_id = "{names.job_id}"'
+        for name, topic, deadline in (
+            (names.job_subscription, names.job_topic, JOB_ACK_DEADLINE_SECONDS),
+            (names.status_subscription, names.status_topic, STATUS_ACK_DEADLINE_SECONDS),
+        ):
+            try:
+                self.subscriber.create_subscription(
+                    request={
+                        "name": name,
+                        "topic": topic,
+                        "filter": job_filter,
+                        "ack_deadline_seconds": deadline,
+                        "expiration_policy": ExpirationPolicy(ttl=Duration(seconds=SUBSCRIPTION_TTL_SECONDS)),
+                    },
+                    retry=API_RETRY,
+                )
+            except gexc.AlreadyExists:
+                self.log.info("Subscription %s already exists; reusing it", name)
+
+    def delete_job_subscriptions(self, names: JobNames) -> None:
+        for name in (names.job_subscription, names.status_subscription):
+            try:
+                self.subscriber.delete_subscription(request={"subscription": name}, retry=API_RETRY)
+            except gexc.NotFound:
+                pass
+
+    def publish_job(self, names: JobNames, spec: JobSpec) -> str:
+        data, attributes = spec.to_pubsub()
+        return self.publisher.publish(names.job_topic, data, **attributes).result(timeout=120)
+
+    def pull_statuses(self, names: JobNames, timeout: float) -> list[ReceivedMessage]:
+        """A long poll: returns as soon as statuses arrive, or empty after ``timeout``."""
+        try:
+            response = self.subscriber.pull(
+                request={"subscription": names.status_subscription, "max_messages": 100},
+                timeout=timeout,
+                retry=None,
+            )
+        except gexc.DeadlineExceeded:
+            return []
+        return list(response.received_messages)
+
+    def acknowledge(self, names: JobNames, ack_ids: list[str]) -> None:
+        if ack_ids:
+            self.subscriber.acknowledge(
+                request={"subscription": names.status_subscription, "ack_ids": ack_ids}, retry=API_RETRY
+            )
+
+    # -- Compute Engine ------------------------------------------------------------------------
+
+    def insert_vm(
+        self,
+        *,
+        project_id: str,
+        zone: str,
+        vm_name: str,
+        instance_template: str,
+        metadata: dict[str, str],
+        labels: dict[str, str],
+        request_id: str,
+        machine_type: str | None = None,
+    ) -> None:
+        """Create the job's VM from the template and wait until Compute Engine accepted it.
+
+        ``request_id`` makes a retried call a no-op instead of a second VM.
+        """
+        instance = compute_v1.Instance(
+            name=vm_name,
+            labels=labels,
+            metadata=compute_v1.Metadata(
+                items=[compute_v1.Items(key=k, value=v) for k, v in sorted(metadata.items())]
+            ),
+        )
+        if machine_type:
+            instance.machine_type = f"zones/{zone}/machineTypes/{machine_type}"
+        request = compute_v1.InsertInstanceRequest(
+            project=project_id,
+            zone=zone,
+            instance_resource=instance,
+            source_instance_template=_template_path(project_id, instance_template),
+            request_id=request_id,
+        )
+        try:
+            operation = self.instances.insert_unary(request=request, retry=API_RETRY)
+        except gexc.Conflict:
+            self.log.info("VM %s already exists: a retry of this same request", vm_name)
+            return
+        except gexc.GoogleAPICallError as exc:
+            raise VmInsertError(
+                f"Compute Engine refused to create VM {vm_name} in {zone}: {exc.message}",
+                reason=_error_reason(exc),
+            ) from exc
+        self._wait(project_id, zone, operation, f"create VM {vm_name}")
+
+    def get_vm(self, *, project_id: str, zone: str, vm_name: str) -> compute_v1.Instance | None:
+        try:
+            return self.instances.get(project=project_id, zone=zone, instance=vm_name, retry=API_RETRY)
+        except gexc.NotFound:
+            return None
+
+    def delete_vm(self, *, project_id: str, zone: str, vm_name: str, wait: bool = True) -> bool:
+        """Delete the VM; False if it was already gone."""
+        try:
+            operation = self.instances.delete_unary(
+                project=project_id, zone=zone, instance=vm_name, retry=API_RETRY
+            )
+        except gexc.NotFound:
+            return False
+        if wait:
+            self._wait(project_id, zone, operation, f"delete VM {vm_name}")
+        return True
+
+    def _wait(self, project_id: str, zone: str, operation: compute_v1.Operation, what: str) -> None:
+        while operation.status != compute_v1.Operation.Status.DONE:
+            operation = self.zone_operations.wait(
+                project=project_id, zone=zone, operation=operation.name, retry=API_RETRY
+            )
+        if operation.error and operation.error.errors:
+            first = operation.error.errors[0]
+            raise VmInsertError(f"Compute Engine could not {what}: {first.code}: {first.message}", first.code)
+
+
+def _template_path(project_id: str, template: str) -> str:
+    if "/" in template:
+        return template
+    return f"projects/{project_id}/global/instanceTemplates/{template}"
+
+
+def _error_reason(exc: gexc.GoogleAPICallError) -> str:
+    for error in exc.errors or ():
+        if isinstance(error, dict) and error.get("reason"):
+            return error["reason"]
+    return exc.reason or type(exc).__name__
+
+
+class BatchVmAsyncHook(GoogleBaseAsyncHook):
+    """What the watcher needs in the triggerer: status long polls, acks, and the VM's state."""
+
+    sync_hook_class = BatchVmHook
+
+    async def pull_statuses(self, names: JobNames, timeout: float) -> list[ReceivedMessage]:
+        client = await self._subscriber()
+        try:
+            response = await client.pull(
+                request={"subscription": names.status_subscription, "max_messages": 100},
+                timeout=timeout,
+                retry=None,
+            )
+        except gexc.DeadlineExceeded:
+            return []
+        return list(response.received_messages)
+
+    async def acknowledge(self, names: JobNames, ack_ids: list[str]) -> None:
+        if ack_ids:
+            client = await self._subscriber()
+            await client.acknowledge(
+                request={"subscription": names.status_subscription, "ack_ids": ack_ids},
+                retry=AsyncRetry(predicate=if_exception_type(*_TRANSIENT), timeout=60),
+            )
+
+    async def get_vm(self, *, project_id: str, zone: str, vm_name: str) -> compute_v1.Instance | None:
+        sync_hook = await self.get_sync_hook()
+        return await asyncio.to_thread(sync_hook.get_vm, project_id=project_id, zone=zone, vm_name=vm_name)
+
+    async def delete_job(self, names: JobNames, zone: str) -> None:
+        """Delete the job's VM and subscriptions: the cleanup for a task killed while deferred."""
+        sync_hook = await self.get_sync_hook()
+        await asyncio.to_thread(
+            sync_hook.delete_vm, project_id=names.project_id, zone=zone, vm_name=names.vm_name, wait=False
+        )
+        await asyncio.to_thread(sync_hook.delete_job_subscriptions, names)
+
+    async def _subscriber(self) -> SubscriberAsyncClient:
+        """One gRPC client per connection and event loop, shared by every watcher in the triggerer."""
+        loop = asyncio.get_running_loop()
+        key = (self._hook_kwargs.get("gcp_conn_id"), str(self._hook_kwargs.get("impersonation_chain")))
+        clients = _ASYNC_SUBSCRIBERS.setdefault(loop, {})
+        if key not in clients:
+            sync_hook = await self.get_sync_hook()
+            credentials = await asyncio.to_thread(sync_hook.get_credentials)
+            clients[key] = SubscriberAsyncClient(credentials=credentials)
+        return clients[key]
+
+
+_ASYNC_SUBSCRIBERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict] = weakref.WeakKeyDictionary()

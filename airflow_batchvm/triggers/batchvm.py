@@ -1,0 +1,192 @@
+"""The watcher: waits in the triggerer for one job's terminal status while its VM is alive.
+
+It only watches. Creating, replacing and deleting VMs happens in the task, where retries,
+timeouts and ``on_kill`` apply; the one exception is :meth:`BatchVmJobTrigger.on_kill`, which
+Airflow calls when a user kills the deferred task and nothing else would clean up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+from google.api_core import exceptions as gexc
+from google.pubsub_v1.types import ReceivedMessage
+
+from airflow_batchvm.hooks.batchvm import BatchVmAsyncHook, JobNames
+from airflow_batchvm.wire import Status, StatusMessage, WireError
+
+# Event status for a VM that stopped or vanished without reporting a terminal status.
+VM_LOST = "VM_LOST"
+# Compute Engine states in which no agent runs any more.
+VM_DOWN_STATES = frozenset({"STOPPING", "STOPPED", "SUSPENDING", "SUSPENDED", "TERMINATED"})
+# A long poll returns at once when a status arrives; this only bounds how long one call waits.
+MAX_PULL_SECONDS = 30.0
+
+
+@dataclass
+class StatusFilter:
+    """Sorts what arrives on a job's status subscription; shared by the trigger and the poking sensor.
+
+    The emulator does not apply subscription filters, and a retried job may leave an older
+    attempt's statuses behind, so each message is checked here: another job's or another attempt's
+    is acked and ignored, a malformed one is logged and dropped, and the first terminal status of
+    this attempt wins. Duplicates and out-of-order arrivals change nothing.
+    """
+
+    job_id: str
+    attempt: int
+    started: StatusMessage | None = None
+    ack_ids: list[str] = field(default_factory=list)
+
+    def take(self, received: Sequence[ReceivedMessage], log: Any) -> StatusMessage | None:
+        terminal: StatusMessage | None = None
+        for item in received:
+            attrs = item.message.attributes
+            if attrs.get("job_id", self.job_id) != self.job_id:
+                self.ack_ids.append(item.ack_id)
+                continue
+            try:
+                status = StatusMessage.from_pubsub(item.message.data)
+            except WireError as exc:
+                log.warning("Dropped a malformed status message for job %s: %s", self.job_id, exc)
+                self.ack_ids.append(item.ack_id)
+                continue
+            if status.job_id != self.job_id or status.attempt != self.attempt:
+                self.ack_ids.append(item.ack_id)
+                continue
+            if status.status.terminal:
+                # Not acked: the task deletes the subscription once the event is handled, and until
+                # then a restarted triggerer must be able to see this status again.
+                terminal = terminal or status
+                continue
+            self.ack_ids.append(item.ack_id)
+            if status.status is Status.STARTED and self.started is None:
+                self.started = status
+                log.info("Job %s STARTED on VM %s (%s)", self.job_id, status.vm_name, status.zone)
+        return terminal
+
+    def drain_acks(self) -> list[str]:
+        ack_ids, self.ack_ids = self.ack_ids, []
+        return ack_ids
+
+
+def status_event(project_id: str, status: StatusMessage, started: StatusMessage | None) -> dict[str, Any]:
+    """The event for a terminal status: the status message, plus where and since when."""
+    event = status.model_dump(mode="json")
+    event["project_id"] = project_id
+    event["started_at"] = started.time.isoformat() if started else None
+    return event
+
+
+def vm_lost_event(names: JobNames, attempt: int, zone: str, state: str, started: StatusMessage | None) -> dict:
+    """The event for a VM that is down or gone although its job reported no terminal status."""
+    return {
+        "job_id": names.job_id,
+        "attempt": attempt,
+        "project_id": names.project_id,
+        "status": VM_LOST,
+        "vm_name": names.vm_name,
+        "zone": zone,
+        "reason": f"VM {names.vm_name} is {state} and its job reported no terminal status",
+        "started_at": started.time.isoformat() if started else None,
+    }
+
+
+class BatchVmJobTrigger(BaseTrigger):
+    """Fires once with the job's terminal status, or with ``VM_LOST`` if its VM died without one.
+
+    :param job_id: the job to watch.
+    :param attempt: the job attempt whose statuses count; older attempts' statuses are ignored.
+    :param project_id: project of the status topic and of the VM.
+    :param zone: zone of the job's VM.
+    :param liveness_check_seconds: how often to check that the VM still runs.
+    """
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        attempt: int,
+        project_id: str,
+        zone: str,
+        gcp_conn_id: str = "google_cloud_default",
+        impersonation_chain: str | Sequence[str] | None = None,
+        liveness_check_seconds: float = 60.0,
+    ) -> None:
+        super().__init__()
+        self.job_id = job_id
+        self.attempt = attempt
+        self.project_id = project_id
+        self.zone = zone
+        self.gcp_conn_id = gcp_conn_id
+        self.impersonation_chain = impersonation_chain
+        self.liveness_check_seconds = liveness_check_seconds
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "job_id": self.job_id,
+                "attempt": self.attempt,
+                "project_id": self.project_id,
+                "zone": self.zone,
+                "gcp_conn_id": self.gcp_conn_id,
+                "impersonation_chain": self.impersonation_chain,
+                "liveness_check_seconds": self.liveness_check_seconds,
+            },
+        )
+
+    @property
+    def names(self) -> JobNames:
+        return JobNames(self.project_id, self.job_id)
+
+    def _hook(self) -> BatchVmAsyncHook:
+        return BatchVmAsyncHook(gcp_conn_id=self.gcp_conn_id, impersonation_chain=self.impersonation_chain)
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        hook = self._hook()
+        statuses = StatusFilter(self.job_id, self.attempt)
+        next_check = time.monotonic() + self.liveness_check_seconds
+        backoff = 1.0
+        while True:
+            wait = min(MAX_PULL_SECONDS, max(0.5, next_check - time.monotonic()))
+            try:
+                terminal = statuses.take(await hook.pull_statuses(self.names, timeout=wait), self.log)
+                await hook.acknowledge(self.names, statuses.drain_acks())
+                backoff = 1.0
+            except (gexc.ServiceUnavailable, gexc.InternalServerError, gexc.Unknown) as exc:
+                self.log.warning("Pub/Sub unavailable (%s); retrying in %.0f s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            if terminal:
+                yield TriggerEvent(status_event(self.project_id, terminal, statuses.started))
+                return
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + self.liveness_check_seconds
+                lost = await self._vm_lost(hook, statuses)
+                if lost:
+                    yield TriggerEvent(lost)
+                    return
+
+    async def _vm_lost(self, hook: BatchVmAsyncHook, statuses: StatusFilter) -> dict[str, Any] | None:
+        """A VM that is down or gone gets one last look for its final status before we call it lost."""
+        vm = await hook.get_vm(project_id=self.project_id, zone=self.zone, vm_name=self.names.vm_name)
+        state = vm.status if vm else "DELETED"
+        if state not in VM_DOWN_STATES and state != "DELETED":
+            return None
+        # The agent publishes before it powers off: anything it said is already on the subscription.
+        terminal = statuses.take(await hook.pull_statuses(self.names, timeout=2.0), self.log)
+        if terminal:
+            return status_event(self.project_id, terminal, statuses.started)
+        return vm_lost_event(self.names, self.attempt, self.zone, state, statuses.started)
+
+    async def on_kill(self) -> None:
+        """The user killed the deferred task (mark failed, clear): leave no VM or subscription behind."""
+        self.log.info("Task killed while waiting: deleting VM %s and the job's subscriptions", self.names.vm_name)
+        await asyncio.wait_for(self._hook().delete_job(self.names, self.zone), timeout=60)

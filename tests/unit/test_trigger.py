@@ -1,0 +1,159 @@
+"""The watcher, one unit: the hook is replaced by a fake whose pulls return scripted messages."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+from google.api_core import exceptions as gexc
+from google.cloud import compute_v1
+from google.pubsub_v1.types import PubsubMessage, ReceivedMessage
+
+from airflow.triggers.base import TriggerEvent
+from airflow_batchvm.triggers.batchvm import VM_LOST, BatchVmJobTrigger
+from airflow_batchvm.wire import Status, StatusMessage
+
+CLASSPATH = "airflow_batchvm.triggers.batchvm.BatchVmJobTrigger"
+
+
+def make_trigger(**overrides):
+    kwargs = {"job_id": "job-1", "attempt": 2, "project_id": "p", "zone": "z", "liveness_check_seconds": 60.0}
+    return BatchVmJobTrigger(**{**kwargs, **overrides})
+
+
+def received(status: StatusMessage | bytes, ack_id: str, **attributes) -> ReceivedMessage:
+    if isinstance(status, StatusMessage):
+        data, attrs = status.to_pubsub()
+    else:
+        data, attrs = status, {}
+    return ReceivedMessage(ack_id=ack_id, message=PubsubMessage(data=data, attributes={**attrs, **attributes}))
+
+
+def status(kind: Status, job_id="job-1", attempt=2, **fields) -> StatusMessage:
+    return StatusMessage(job_id=job_id, attempt=attempt, status=kind, vm_name="bvm-job-1", zone="z", **fields)
+
+
+@pytest.fixture
+def hook():
+    with mock.patch("airflow_batchvm.triggers.batchvm.BatchVmAsyncHook", autospec=True) as cls:
+        instance = cls.return_value
+        instance.pull_statuses.return_value = []
+        instance.get_vm.return_value = compute_v1.Instance(name="bvm-job-1", status="RUNNING")
+        yield instance
+
+
+def test_serialize_is_exact():
+    trigger = make_trigger(gcp_conn_id="conn", impersonation_chain=["sa@p.iam.gserviceaccount.com"])
+    assert trigger.serialize() == (
+        CLASSPATH,
+        {
+            "job_id": "job-1",
+            "attempt": 2,
+            "project_id": "p",
+            "zone": "z",
+            "gcp_conn_id": "conn",
+            "impersonation_chain": ["sa@p.iam.gserviceaccount.com"],
+            "liveness_check_seconds": 60.0,
+        },
+    )
+    classpath, kwargs = trigger.serialize()
+    assert BatchVmJobTrigger(**kwargs).serialize() == trigger.serialize()
+
+
+async def test_finished_yields_the_status_and_acks_only_the_rest(hook):
+    finished = status(Status.FINISHED, exit_code=0, log_tail="done\n")
+    hook.pull_statuses.side_effect = [
+        [received(status(Status.STARTED), "a1")],
+        [received(finished, "a2"), received(status(Status.RUNNING), "a3")],
+    ]
+    event = await make_trigger().run().asend(None)
+    assert isinstance(event, TriggerEvent)
+    assert event.payload["status"] == "FINISHED"
+    assert event.payload["exit_code"] == 0
+    assert event.payload["log_tail"] == "done\n"
+    assert event.payload["project_id"] == "p"
+    assert event.payload["started_at"] is not None
+    acked = [call.args[1] for call in hook.acknowledge.await_args_list]
+    assert acked == [["a1"], ["a3"]]  # the terminal status stays unacked for a restarted triggerer
+
+
+async def test_failed_carries_exit_code_reason_and_tail(hook):
+    hook.pull_statuses.return_value = [
+        received(status(Status.FAILED, exit_code=3, reason="container exited with code 3", log_tail="boom"), "a")
+    ]
+    event = await make_trigger().run().asend(None)
+    assert (event.payload["status"], event.payload["exit_code"], event.payload["reason"], event.payload["log_tail"]) == (
+        "FAILED", 3, "container exited with code 3", "boom",
+    )
+
+
+async def test_other_jobs_older_attempts_and_malformed_messages_are_acked_and_ignored(hook):
+    hook.pull_statuses.side_effect = [
+        [
+            received(status(Status.FINISHED, job_id="other-job"), "other", job_id="other-job"),
+            received(status(Status.FINISHED, attempt=1), "stale"),
+            received(b"{not json", "garbage"),
+            received(b'{"schema_version": 9, "job_id": "job-1", "status": "FINISHED"}', "future"),
+        ],
+        [received(status(Status.FAILED, exit_code=1), "mine")],
+    ]
+    event = await make_trigger().run().asend(None)
+    assert event.payload["status"] == "FAILED"
+    assert hook.acknowledge.await_args_list[0].args[1] == ["other", "stale", "garbage", "future"]
+
+
+async def test_finished_before_started_is_still_a_success(hook):
+    hook.pull_statuses.return_value = [
+        received(status(Status.FINISHED, exit_code=0), "f"),
+        received(status(Status.STARTED), "s"),
+        received(status(Status.FINISHED, exit_code=0), "dup"),
+    ]
+    event = await make_trigger().run().asend(None)
+    assert event.payload["status"] == "FINISHED"
+
+
+async def test_vm_gone_without_a_status_ends_the_wait(hook):
+    hook.get_vm.return_value = compute_v1.Instance(name="bvm-job-1", status="TERMINATED")
+    event = await make_trigger(liveness_check_seconds=0).run().asend(None)
+    assert event.payload["status"] == VM_LOST
+    assert "TERMINATED" in event.payload["reason"]
+    hook.get_vm.return_value = None
+    event = await make_trigger(liveness_check_seconds=0).run().asend(None)
+    assert "DELETED" in event.payload["reason"]
+
+
+async def test_vm_down_but_final_status_arrived_wins_over_lost(hook):
+    hook.get_vm.return_value = compute_v1.Instance(name="bvm-job-1", status="TERMINATED")
+    hook.pull_statuses.side_effect = [[], [received(status(Status.FINISHED, exit_code=0), "late")]]
+    event = await make_trigger(liveness_check_seconds=0).run().asend(None)
+    assert event.payload["status"] == "FINISHED"
+
+
+async def test_running_vm_keeps_the_wait_going(hook):
+    hook.pull_statuses.side_effect = [[], [], [received(status(Status.FINISHED, exit_code=0), "f")]]
+    event = await make_trigger(liveness_check_seconds=0).run().asend(None)
+    assert event.payload["status"] == "FINISHED"
+    assert hook.get_vm.await_count == 2
+
+
+async def test_pubsub_outage_is_retried(hook, monkeypatch):
+    sleeps = []
+
+    async def fake_sleep(seconds):
+        sleeps.append(seconds)
+
+    monkeypatch.setattr("airflow_batchvm.triggers.batchvm.asyncio.sleep", fake_sleep)
+    hook.pull_statuses.side_effect = [
+        gexc.ServiceUnavailable("down"),
+        gexc.ServiceUnavailable("down"),
+        [received(status(Status.FINISHED, exit_code=0), "f")],
+    ]
+    event = await make_trigger().run().asend(None)
+    assert event.payload["status"] == "FINISHED"
+    assert sleeps == [1.0, 2.0]
+
+
+async def test_on_kill_deletes_the_vm_and_subscriptions(hook):
+    await make_trigger().on_kill()
+    names, zone = hook.delete_job.await_args.args
+    assert (names.vm_name, names.job_subscription, zone) == ("bvm-job-1", "projects/p/subscriptions/batchvm-job-job-1", "z")
