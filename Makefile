@@ -1,0 +1,23 @@
+# The two commands of the README, and the pieces they are made of.
+.PHONY: demo test install unit lint local-up local-down
+
+demo:            ## install, then run the example pipeline end to end on the local stack
+	bash scripts/demo.sh
+
+test:            ## install, then run the whole suite (unit, integration, end to end)
+	bash scripts/test.sh
+
+install:
+	bash scripts/install.sh
+
+unit:
+	.venv/bin/pytest -q tests/unit
+
+lint:
+	.venv/bin/ruff check .
+
+local-up:
+	.venv/bin/python -m batchvm_local up
+
+local-down:
+	.venv/bin/python -m batchvm_local down
