@@ -1,0 +1,102 @@
+"""The local stack for integration tests: the real Pub/Sub emulator, the Compute stand-in whose
+VMs run the real agent, and real podman containers. One per test session, on free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from unittest import mock
+
+import pytest
+from google.api_core.client_options import ClientOptions
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import compute_v1, pubsub_v1
+
+from airflow.sdk.exceptions import TaskDeferred
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGE = "localhost/sleep_test:latest"
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory):
+    from batchvm_local.stack import LocalStack
+
+    subprocess.run(["bash", str(REPO / "worker_image/local/setup.sh")], check=True)
+    stack = LocalStack(pubsub_port=0, compute_port=0, state_dir=tmp_path_factory.mktemp("stack"))
+    stack.start()
+    saved = {key: os.environ.get(key) for key in stack.env()}
+    os.environ.update(stack.env())
+    yield stack
+    stack.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+class Cloud:
+    """What a test looks at afterwards: the VMs and per-job subscriptions that exist."""
+
+    def __init__(self, stack):
+        env = stack.env()
+        self.project = env["BATCHVM_PROJECT"]
+        self.zone = env["BATCHVM_ZONE"]
+        self.template = env["BATCHVM_INSTANCE_TEMPLATE"]
+        self.instances = compute_v1.InstancesClient(
+            credentials=AnonymousCredentials(),
+            client_options=ClientOptions(api_endpoint=env["BATCHVM_COMPUTE_API_ENDPOINT"]),
+        )
+        self.subscriber = pubsub_v1.SubscriberClient()
+        self.publisher = pubsub_v1.PublisherClient()
+
+    def vms(self, job_id: str = "") -> list[str]:
+        return [i.name for i in self.instances.list(project=self.project, zone=self.zone) if job_id in i.name]
+
+    def job_subscriptions(self, job_id: str = "") -> list[str]:
+        names = [s.name.rsplit("/", 1)[-1] for s in self.subscriber.list_subscriptions(project=f"projects/{self.project}")]
+        return [n for n in names if n.startswith(("batchvm-job-", "batchvm-status-")) and job_id in n]
+
+    def assert_nothing_left(self, job_id: str = "", timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.vms(job_id) and not self.job_subscriptions(job_id):
+                return
+            time.sleep(0.2)
+        assert self.vms(job_id) == []
+        assert self.job_subscriptions(job_id) == []
+
+
+@pytest.fixture
+def cloud(local_stack):
+    cloud = Cloud(local_stack)
+    yield cloud
+    cloud.assert_nothing_left()
+
+
+def task_context(task_id: str, try_number: int = 1, map_index: int = -1) -> dict[str, Any]:
+    """The slice of an Airflow context the operators use; XComs land in ``ti.xcoms``."""
+    xcoms: dict[str, Any] = {}
+    ti = SimpleNamespace(
+        dag_id="integration", task_id=task_id, run_id=f"test__{time.time_ns()}",
+        map_index=map_index, try_number=try_number, xcoms=xcoms,
+        xcom_push=lambda key, value: xcoms.__setitem__(key, value),
+    )
+    return {"ti": ti}
+
+
+async def run_deferred(operator, context) -> Any:
+    """Run a deferrable operator as Airflow does: execute, the trigger in an event loop, execute_complete."""
+    try:
+        result = await asyncio.to_thread(operator.execute, context)
+    except TaskDeferred as deferred:
+        event = await deferred.trigger.run().asend(None)
+        with mock.patch.object(type(operator), "defer", side_effect=AssertionError("deferred twice")):
+            return await asyncio.to_thread(getattr(operator, deferred.method_name), context, event.payload)
+    raise AssertionError(f"the operator did not defer; it returned {result!r}")
