@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from airflow.sdk import DAG
 from batchvm_settings import INSTANCE_TEMPLATE, SLEEP_TEST_IMAGE, ZONE
 
-from airflow.sdk import DAG
 from airflow_batchvm.operators.batchvm import BatchVmRunJobOperator
 
 # [START howto_batchvm_pipeline]

@@ -5,9 +5,9 @@ It is the Airflow form of the earlier design's publish script (process_type, sle
 
 from __future__ import annotations
 
+from airflow.sdk import DAG, Param
 from batchvm_settings import IMAGE_REGISTRY, INSTANCE_TEMPLATE, ZONE
 
-from airflow.sdk import DAG, Param
 from airflow_batchvm.operators.batchvm import BatchVmRunJobOperator
 
 # [START howto_batchvm_single_job]

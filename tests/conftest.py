@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 
 import pytest
+
+from tests.helpers import REPO, Cloud
 
 PROJECT = "batchvm-local"
 
@@ -31,3 +34,30 @@ def pubsub_emulator(tmp_path_factory):
         os.environ.pop("PUBSUB_EMULATOR_HOST", None)
     else:
         os.environ["PUBSUB_EMULATOR_HOST"] = previous
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory):
+    """The real Pub/Sub emulator and the Compute stand-in whose VMs run the real agent with real
+    podman containers; sets the clients' environment for the session."""
+    from batchvm_local.stack import LocalStack
+
+    subprocess.run(["bash", str(REPO / "worker_image/local/setup.sh")], check=True)
+    stack = LocalStack(pubsub_port=0, compute_port=0, state_dir=tmp_path_factory.mktemp("stack"))
+    stack.start()
+    saved = {key: os.environ.get(key) for key in stack.env()}
+    os.environ.update(stack.env())
+    yield stack
+    stack.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def cloud(local_stack):
+    cloud = Cloud(local_stack)
+    yield cloud
+    cloud.assert_nothing_left()

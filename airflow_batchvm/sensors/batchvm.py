@@ -9,8 +9,8 @@ from enum import StrEnum
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk.exceptions import AirflowException
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
+from airflow.sdk.exceptions import AirflowException
 
 from airflow_batchvm.hooks.batchvm import BatchVmHook, JobNames
 from airflow_batchvm.links.batchvm import BatchVmInstanceLink, BatchVmLogsLink

@@ -95,15 +95,17 @@ def marked(entry: str, procs: list[Proc] | None = None) -> list[Proc]:
     return list(found.values())
 
 
-def kill_tree(root: int, pgid: int | None = None) -> list[Proc]:
-    """SIGKILL ``root``, every descendant and the process group ``pgid``; returns what was killed.
+def kill_tree(root: Proc, group: bool = True) -> list[Proc]:
+    """SIGKILL ``root`` (if it is still that process), all its descendants and (``group``) its process group.
 
     Everything is stopped (SIGSTOP) first, so that nothing forks or is re-parented away while the
-    tree is read, then killed at once: what a power cut does to a machine.
+    tree is read, then killed at once: what a power cut does to a machine. Returns what was killed.
     """
+    if not is_alive(root):
+        return []
     stopped: dict[int, Proc] = {}
     for _ in range(20):
-        fresh = [p for p in tree(root) if p.pid not in stopped and p.pid != os.getpid()]
+        fresh = [p for p in tree(root.pid) if p.pid not in stopped and p.pid != os.getpid()]
         if not fresh:
             break
         for proc in fresh:
@@ -111,9 +113,9 @@ def kill_tree(root: int, pgid: int | None = None) -> list[Proc]:
             stopped[proc.pid] = proc
     for proc in stopped.values():
         _signal(proc.pid, signal.SIGKILL)
-    if pgid is not None:
+    if group:
         try:
-            os.killpg(pgid, signal.SIGKILL)
+            os.killpg(root.pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
     return list(stopped.values())

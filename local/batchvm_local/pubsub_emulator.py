@@ -10,6 +10,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from batchvm_local import procs
+
 
 class EmulatorError(RuntimeError):
     pass
@@ -28,10 +30,13 @@ def find_gcloud() -> str:
 class PubSubEmulator:
     """One emulator on ``127.0.0.1:port``. Its state lives in memory: a restart starts empty."""
 
-    def __init__(self, port: int, project: str, log_path: Path | None = None):
+    def __init__(
+        self, port: int, project: str, log_path: Path | None = None, env: dict[str, str] | None = None
+    ):
         self.port = port
         self.project = project
         self.log_path = log_path
+        self.env = env  # None: this process's environment
         self.process: subprocess.Popen | None = None
 
     @property
@@ -54,6 +59,7 @@ class PubSubEmulator:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env=self.env,
             start_new_session=True,  # gcloud spawns Java: stop them together by process group
         )
         deadline = time.monotonic() + timeout
@@ -97,12 +103,15 @@ def stop_process_group(pid: int, grace: float = 5) -> None:
         return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
+        if not _group_runs(pid):
             return
-        time.sleep(0.1)
+        time.sleep(0.05)
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _group_runs(pgid: int) -> bool:
+    """Whether a live process remains in the group; a zombie (say, our own unreaped child) does not count."""
+    return any(p.pgid == pgid and p.state not in ("Z", "X") for p in procs.all_procs())

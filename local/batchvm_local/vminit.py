@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
             code = os.waitstatus_to_exitcode(status)
             break
     console(f"agent exited with code {code}; powering off")
-    procs.kill_tree(me)
+    procs.kill_tree(procs.read_proc(me), group=False)  # everything but this process
     while True:
         try:
             os.wait()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import REPO, Cloud
+from tests.helpers import REPO, Cloud
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -36,12 +36,16 @@ def airflow(env, *args: str, timeout: float = 300) -> subprocess.CompletedProces
     return subprocess.run([AIRFLOW, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def json_output(run: subprocess.CompletedProcess) -> list[dict]:
+    """The JSON line of a CLI's output (Airflow may log warnings to stdout before it)."""
+    return json.loads(next(line for line in reversed(run.stdout.splitlines()) if line.startswith("[")))
+
+
 def task_states(env, dag_id: str) -> dict[str, list[str]]:
-    runs = json.loads(airflow(env, "dags", "list-runs", dag_id, "-o", "json").stdout)
+    runs = json_output(airflow(env, "dags", "list-runs", dag_id, "-o", "json"))
     assert len(runs) == 1, runs
-    out = airflow(env, "tasks", "states-for-dag-run", dag_id, runs[0]["run_id"], "-o", "json").stdout
     states: dict[str, list[str]] = {}
-    for row in json.loads(out):
+    for row in json_output(airflow(env, "tasks", "states-for-dag-run", dag_id, runs[0]["run_id"], "-o", "json")):
         states.setdefault(row["task_id"], []).append(row["state"])
     return states
 

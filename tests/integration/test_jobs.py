@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import pytest
 
 from airflow_batchvm.operators.batchvm import BatchVmRunJobOperator, BatchVmSubmitJobOperator, JobSpecError
 from airflow_batchvm.sensors.batchvm import BatchVmJobFailed, BatchVmJobSensor
 from airflow_batchvm.wire import MAX_PAYLOAD_BYTES
-from tests.integration.conftest import IMAGE, run_deferred, task_context
+from tests.helpers import IMAGE, run_deferred, task_context
 
 pytestmark = pytest.mark.integration
 
@@ -26,8 +25,7 @@ def run_op(cloud, task_id: str, **kwargs) -> BatchVmRunJobOperator:
     )
 
 
-async def test_a_job_succeeds_and_leaves_nothing_behind(cloud, caplog):
-    caplog.set_level(logging.INFO)
+async def test_a_job_succeeds_and_leaves_nothing_behind(cloud, capfd):
     op = run_op(cloud, "succeeds", env={"SLEEP_TIME": "1"}, payload={"hello": "world"})
     context = task_context("succeeds")
     result = await run_deferred(op, context)
@@ -39,18 +37,18 @@ async def test_a_job_succeeds_and_leaves_nothing_behind(cloud, caplog):
     assert context["ti"].xcoms["job_id"] == result["job_id"]
     assert context["ti"].xcoms["vm_name"] == result["vm_name"]
     assert context["ti"].xcoms["batchvm_instance"]["vm_name"] == result["vm_name"]  # link persisted
-    assert 'Starting Job: {"hello":"world"}' in caplog.text  # the container's own output, in the task log
+    assert 'Starting Job: {"hello":"world"}' in capfd.readouterr().out  # the container's own output, in the task log
     cloud.assert_nothing_left(result["job_id"])
 
 
-async def test_a_job_exiting_3_fails_the_task_with_code_and_tail(cloud, caplog):
-    caplog.set_level(logging.INFO)
+async def test_a_job_exiting_3_fails_the_task_with_code_and_tail(cloud, capfd):
     op = run_op(cloud, "exits-3", command=["sh", "-c", "echo computing; echo no space left >&2; exit 3"])
     with pytest.raises(BatchVmJobFailed, match="exit code 3") as failure:
         await run_deferred(op, task_context("exits-3"))
     assert "container exited with code 3" in str(failure.value)
-    assert "container log tail" in caplog.text
-    assert "computing" in caplog.text and "no space left" in caplog.text
+    log = capfd.readouterr().out
+    assert "container log tail" in log
+    assert "computing" in log and "no space left" in log
     cloud.assert_nothing_left(op.submitted.job_id)
 
 
@@ -69,8 +67,7 @@ async def test_two_concurrent_jobs_never_see_each_others_status(cloud):
         cloud.assert_nothing_left(op.submitted.job_id)
 
 
-async def test_submit_then_sensor_and_a_malformed_status_is_dropped(cloud, caplog):
-    caplog.set_level(logging.INFO)
+async def test_submit_then_sensor_and_a_malformed_status_is_dropped(cloud, capfd):
     context = task_context("submit")
     submit = BatchVmSubmitJobOperator(
         task_id="submit", image=IMAGE, instance_template=cloud.template, zone=cloud.zone,
@@ -89,7 +86,7 @@ async def test_submit_then_sensor_and_a_malformed_status_is_dropped(cloud, caplo
     )
     result = await run_deferred(sensor, task_context("wait"))
     assert result["status"] == "FINISHED"
-    assert "Dropped a malformed status message" in caplog.text
+    assert "Dropped a malformed status message" in capfd.readouterr().out
     cloud.assert_nothing_left(submitted["job_id"])
 
 

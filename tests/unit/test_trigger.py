@@ -5,11 +5,11 @@ from __future__ import annotations
 from unittest import mock
 
 import pytest
+from airflow.triggers.base import TriggerEvent
 from google.api_core import exceptions as gexc
 from google.cloud import compute_v1
 from google.pubsub_v1.types import PubsubMessage, ReceivedMessage
 
-from airflow.triggers.base import TriggerEvent
 from airflow_batchvm.triggers.batchvm import VM_LOST, BatchVmJobTrigger
 from airflow_batchvm.wire import Status, StatusMessage
 
@@ -56,7 +56,7 @@ def test_serialize_is_exact():
             "liveness_check_seconds": 60.0,
         },
     )
-    classpath, kwargs = trigger.serialize()
+    _, kwargs = trigger.serialize()
     assert BatchVmJobTrigger(**kwargs).serialize() == trigger.serialize()
 
 

@@ -34,7 +34,9 @@ READ_CHUNK = 8192
 # Variables that steer the container CLI itself (where it finds its daemon, config, storage,
 # helpers, libraries). A job value for one of these would have to be set in the CLI's own
 # environment to reach the container, and would reconfigure the CLI: such jobs are refused.
-RESERVED_ENV_NAMES = frozenset({"PATH", "HOME", "TMPDIR", "REGISTRY_AUTH_FILE", "STORAGE_DRIVER", "STORAGE_OPTS"})
+RESERVED_ENV_NAMES = frozenset(
+    {"PATH", "HOME", "TMPDIR", "REGISTRY_AUTH_FILE", "STORAGE_DRIVER", "STORAGE_OPTS"}
+)
 RESERVED_ENV_PREFIXES = ("LD_", "DOCKER_", "CONTAINERS_", "CONTAINER_", "PODMAN_", "BUILDAH_", "XDG_")
 
 # docker and podman use 125 for "the run command itself failed" (bad image, no daemon, bad flag).
@@ -166,7 +168,9 @@ class ContainerRunner:
         except (OSError, ValueError) as exc:
             return RunResult(None, f"the container CLI could not be started: {exc}", "")
 
-        reader = threading.Thread(target=self._pump, args=(proc.stdout, tail), name="container-output", daemon=True)
+        reader = threading.Thread(
+            target=self._pump, args=(proc.stdout, tail), name="container-output", daemon=True
+        )
         reader.start()
         started = time.monotonic()
         timeout = spec.timeout_seconds

@@ -22,8 +22,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-from airflow_batchvm import wire
 from google.api_core import exceptions as gexc
+
+from airflow_batchvm import wire
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,9 @@ def route(attributes: dict[str, str], data: bytes, job_id: str, attempt: int) ->
     return Route.SUPERSEDED, msg_attempt
 
 
-def interpret(attributes: dict[str, str], data: bytes, job_id: str, attempt: int, registry: str) -> wire.JobSpec:
+def interpret(
+    attributes: dict[str, str], data: bytes, job_id: str, attempt: int, registry: str
+) -> wire.JobSpec:
     """This VM's job as a :class:`wire.JobSpec`; raises :class:`wire.WireError` when unusable."""
     msg_attempt = message_attempt(attributes, data)
     spec = wire.parse_job(data, registry)
@@ -179,7 +182,7 @@ class JobSource:
         where, msg_attempt = route(attributes, message.data, self.job_id, self.attempt)
         if where is Route.OTHER_JOB:
             log.info("acking and ignoring message %s: it is not for job %s", message.message_id, self.job_id)
-            self.ack(received.ack_id)
+            self._drop(received.ack_id)
             return None
         if where is Route.STALE:
             log.info(
@@ -188,7 +191,7 @@ class JobSource:
                 msg_attempt,
                 self.attempt,
             )
-            self.ack(received.ack_id)
+            self._drop(received.ack_id)
             return None
         if where is Route.SUPERSEDED:
             return Superseded(received.ack_id, msg_attempt or 0)
@@ -198,6 +201,13 @@ class JobSource:
             log.error("job message %s is unusable: %s", message.message_id, exc)
             return Taken(received.ack_id, message.message_id, None, f"unusable job message: {exc}")
         return Taken(received.ack_id, message.message_id, spec)
+
+    def _drop(self, ack_id: str) -> None:
+        """Ack a message that is not ours; if that fails it only comes back later, to be dropped again."""
+        try:
+            self.ack(ack_id)
+        except Exception as exc:
+            log.warning("could not ack an ignored message: %s", exc)
 
     def ack(self, ack_id: str) -> None:
         """Ack with a few quick retries; raises the last error if Pub/Sub stays unreachable."""
@@ -241,10 +251,16 @@ class Lease:
     the next tick: an extension is only lost if Pub/Sub is unreachable for a whole ``deadline``.
     """
 
-    def __init__(self, subscriber, subscription: str, ack_id: str, deadline_seconds: int = 60,
-                 every_seconds: float | None = None):
-        if not 10 <= deadline_seconds <= 600:
-            raise ValueError("Pub/Sub ack deadlines are 10 to 600 seconds")
+    def __init__(
+        self,
+        subscriber,
+        subscription: str,
+        ack_id: str,
+        deadline_seconds: int = 60,
+        every_seconds: float | None = None,
+    ):
+        if not 1 <= deadline_seconds <= 600:
+            raise ValueError("an ack deadline extension is 1 to 600 seconds")
         self.subscriber = subscriber
         self.subscription = subscription
         self.ack_id = ack_id

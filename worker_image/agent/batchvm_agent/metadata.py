@@ -56,7 +56,9 @@ class MetadataClient:
         self.base_url = f"http://{host}/computeMetadata/v1/"
         self.request_timeout = request_timeout
 
-    def get(self, path: str, params: dict[str, str] | None = None, timeout: float | None = None) -> str | None:
+    def get(
+        self, path: str, params: dict[str, str] | None = None, timeout: float | None = None
+    ) -> str | None:
         value, _etag = self.get_with_etag(path, params, timeout)
         return value
 
@@ -136,7 +138,9 @@ def read_binding(client: MetadataClient, wait_seconds: float = 300.0) -> Binding
     def required(path: str, key: str) -> str:
         value = (client.get(path) or "").strip()
         if not value:
-            raise BindingError(f"metadata {path} is missing: this VM was not created for a batchvm job", partial)
+            raise BindingError(
+                f"metadata {path} is missing: this VM was not created for a batchvm job", partial
+            )
         partial[key] = value
         return value
 
@@ -150,7 +154,9 @@ def read_binding(client: MetadataClient, wait_seconds: float = 300.0) -> Binding
         if attempt < 1:
             raise ValueError
     except ValueError:
-        raise BindingError(f"metadata {ATTR_ATTEMPT}={attempt_text!r} is not a positive integer", partial) from None
+        raise BindingError(
+            f"metadata {ATTR_ATTEMPT}={attempt_text!r} is not a positive integer", partial
+        ) from None
     partial["attempt"] = attempt
     required("instance/attributes/" + ATTR_STATUS_TOPIC, "status_topic")
     required("instance/attributes/" + ATTR_JOB_SUBSCRIPTION, "job_subscription")

@@ -17,9 +17,10 @@ import concurrent.futures
 import logging
 import threading
 
-from airflow_batchvm import wire
 from google.api_core import exceptions as gexc
 from google.api_core import retry as gretry
+
+from airflow_batchvm import wire
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,12 @@ class StatusPublisher:
 
     def message(self, status: wire.Status, **fields) -> wire.StatusMessage:
         return wire.StatusMessage(
-            job_id=self.job_id, attempt=self.attempt, status=status, vm_name=self.vm_name, zone=self.zone, **fields
+            job_id=self.job_id,
+            attempt=self.attempt,
+            status=status,
+            vm_name=self.vm_name,
+            zone=self.zone,
+            **fields,
         )
 
     def publish(self, status: wire.Status, *, deadline: float = TERMINAL_DEADLINE_SECONDS, **fields) -> str:

@@ -1,44 +1,21 @@
-"""The local stack for integration tests: the real Pub/Sub emulator, the Compute stand-in whose
-VMs run the real agent, and real podman containers. One per test session, on free ports."""
+"""Helpers for tests that run jobs on the local stack: what is left in the cloud, and an Airflow-like driver."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
-import pytest
+from airflow.sdk.exceptions import TaskDeferred
 from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import compute_v1, pubsub_v1
 
-from airflow.sdk.exceptions import TaskDeferred
-
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 IMAGE = "localhost/sleep_test:latest"
-
-
-@pytest.fixture(scope="session")
-def local_stack(tmp_path_factory):
-    from batchvm_local.stack import LocalStack
-
-    subprocess.run(["bash", str(REPO / "worker_image/local/setup.sh")], check=True)
-    stack = LocalStack(pubsub_port=0, compute_port=0, state_dir=tmp_path_factory.mktemp("stack"))
-    stack.start()
-    saved = {key: os.environ.get(key) for key in stack.env()}
-    os.environ.update(stack.env())
-    yield stack
-    stack.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 class Cloud:
@@ -71,13 +48,6 @@ class Cloud:
             time.sleep(0.2)
         assert self.vms(job_id) == []
         assert self.job_subscriptions(job_id) == []
-
-
-@pytest.fixture
-def cloud(local_stack):
-    cloud = Cloud(local_stack)
-    yield cloud
-    cloud.assert_nothing_left()
 
 
 def task_context(task_id: str, try_number: int = 1, map_index: int = -1) -> dict[str, Any]:

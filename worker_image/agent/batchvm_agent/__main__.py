@@ -1,0 +1,5 @@
+"""``python -m batchvm_agent``."""
+
+from .main import main
+
+raise SystemExit(main())
