@@ -84,7 +84,7 @@ def report() -> int:
             f"{waited:.1f} s" if waited is not None else "",
             f"{ran:.1f} s" if ran is not None else "",
         )
-    console = Console()
+    console = Console(width=max(Console().width, 150))  # job ids and VM names whole, even in a log
     console.print(table)
 
     left = leftovers()
