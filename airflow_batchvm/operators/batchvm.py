@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 import uuid
 from collections.abc import Sequence
 from functools import cached_property
@@ -16,6 +17,7 @@ from pydantic import ValidationError
 from airflow_batchvm.hooks.batchvm import BatchVmHook, JobNames, VmInsertError, short_name
 from airflow_batchvm.links.batchvm import BatchVmInstanceLink, BatchVmLogsLink
 from airflow_batchvm.sensors.batchvm import JobWaitMixin, OnFinishAction
+from airflow_batchvm.timeline import log_step
 from airflow_batchvm.wire import VM_NAME_PATTERN, JobSpec
 
 if TYPE_CHECKING:
@@ -119,8 +121,10 @@ class BatchVmSubmitJobOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         spec = self.build_spec(context)
         names = self.submitted = JobNames(self.project_id or self.hook.project_id, spec.job_id)
-        self.submit(context, spec, names)
+        submitted_at = time.time()
+        self.submit(context, spec, names, submitted_at)
         result = {
+            "submitted_at": submitted_at,
             "job_id": spec.job_id,
             "attempt": spec.attempt,
             "vm_name": names.vm_name,
@@ -161,7 +165,7 @@ class BatchVmSubmitJobOperator(BaseOperator):
                 raise JobSpecError(f"Invalid batch job spec: {name}: must be a non-empty string")
         return spec
 
-    def submit(self, context: Context, spec: JobSpec, names: JobNames) -> None:
+    def submit(self, context: Context, spec: JobSpec, names: JobNames, submitted_at: float) -> None:
         """Subscriptions first (so nothing published is missed), then the job, then its VM."""
         hook = self.hook
         ti = context["ti"]
@@ -171,7 +175,8 @@ class BatchVmSubmitJobOperator(BaseOperator):
             if hook.delete_vm(project_id=names.project_id, zone=self.zone, vm_name=names.vm_name):
                 self.log.info("Deleted VM %s left by an earlier try", names.vm_name)
             message_id = hook.publish_job(names, spec)
-            self.log.info("Published job %s (attempt %s) as message %s", spec.job_id, spec.attempt, message_id)
+            log_step(self.log, "submitted", f"job {spec.job_id} attempt {spec.attempt} (message {message_id})",
+                     submitted_at)
             hook.insert_vm(
                 project_id=names.project_id,
                 zone=self.zone,
@@ -199,7 +204,8 @@ class BatchVmSubmitJobOperator(BaseOperator):
         except BaseException:
             hook.delete_job_subscriptions(names)
             raise
-        self.log.info("Created VM %s in %s from template %s", names.vm_name, self.zone, self.instance_template)
+        log_step(self.log, "VM created", f"{names.vm_name} in {self.zone} from {self.instance_template}",
+                 submitted_at)
         BatchVmInstanceLink.persist(context, project_id=names.project_id, zone=self.zone, vm_name=names.vm_name)
         BatchVmLogsLink.persist(context, project_id=names.project_id, vm_name=names.vm_name)
 
@@ -233,7 +239,7 @@ class BatchVmRunJobOperator(JobWaitMixin, BatchVmSubmitJobOperator):
     def execute(self, context: Context) -> Any:
         submitted = super().execute(context)
         names = JobNames(submitted["project_id"], submitted["job_id"])
-        return self.wait_for_job(context, names, self.zone, submitted["attempt"])
+        return self.wait_for_job(context, names, self.zone, submitted["attempt"], submitted["submitted_at"])
 
     def on_kill(self) -> None:
         """Killed while running in the worker (not deferred): take the VM and subscriptions down."""

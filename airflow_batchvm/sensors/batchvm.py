@@ -65,7 +65,9 @@ class JobWaitMixin:
         BatchVmInstanceLink.persist(context, project_id=names.project_id, zone=zone, vm_name=names.vm_name)
         BatchVmLogsLink.persist(context, project_id=names.project_id, vm_name=names.vm_name)
 
-    def watcher(self, names: JobNames, zone: str, attempt: int) -> BatchVmJobTrigger:
+    def watcher(
+        self, names: JobNames, zone: str, attempt: int, submitted_at: float | None = None
+    ) -> BatchVmJobTrigger:
         return BatchVmJobTrigger(
             job_id=names.job_id,
             attempt=attempt,
@@ -74,11 +76,14 @@ class JobWaitMixin:
             gcp_conn_id=self.gcp_conn_id,
             impersonation_chain=self.impersonation_chain,
             liveness_check_seconds=self.liveness_check_seconds,
+            submitted_at=submitted_at,
         )
 
-    def wait_for_job(self, context: Context, names: JobNames, zone: str, attempt: int) -> Any:
+    def wait_for_job(
+        self, context: Context, names: JobNames, zone: str, attempt: int, submitted_at: float | None = None
+    ) -> Any:
         """Defer to the watcher, or, when not deferrable, run the same watcher in this process."""
-        watcher = self.watcher(names, zone, attempt)
+        watcher = self.watcher(names, zone, attempt, submitted_at)
         if self.deferrable:
             self.defer(  # type: ignore[attr-defined]
                 trigger=watcher,

@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -18,12 +19,16 @@ from google.api_core import exceptions as gexc
 from google.pubsub_v1.types import ReceivedMessage
 
 from airflow_batchvm.hooks.batchvm import BatchVmAsyncHook, JobNames
+from airflow_batchvm.timeline import log_step
 from airflow_batchvm.wire import Status, StatusMessage, WireError
 
 # Event status for a VM that stopped or vanished without reporting a terminal status.
 VM_LOST = "VM_LOST"
 # Compute Engine states in which no agent runs any more.
 VM_DOWN_STATES = frozenset({"STOPPING", "STOPPED", "SUSPENDING", "SUSPENDED", "TERMINATED"})
+# Until the VM is seen running, it is looked at this often (first after one second), so that the
+# timeline shows when it came up; a real VM boots in 20-40 s, so that is a handful of calls.
+BOOT_CHECK_SECONDS = 5.0
 # A long poll returns at once when a status arrives; this only bounds how long one call waits.
 MAX_PULL_SECONDS = 30.0
 
@@ -40,6 +45,7 @@ class StatusFilter:
 
     job_id: str
     attempt: int
+    submitted_at: float | None = None
     started: StatusMessage | None = None
     ack_ids: list[str] = field(default_factory=list)
 
@@ -62,17 +68,37 @@ class StatusFilter:
             if status.status.terminal:
                 # Not acked: the task deletes the subscription once the event is handled, and until
                 # then a restarted triggerer must be able to see this status again.
-                terminal = terminal or status
+                if terminal is None:
+                    terminal = status
+                    log_step(log, status.status.value, _outcome(status, self.started), self.submitted_at,
+                             status.time.timestamp())
                 continue
             self.ack_ids.append(item.ack_id)
             if status.status is Status.STARTED and self.started is None:
                 self.started = status
-                log.info("Job %s STARTED on VM %s (%s)", self.job_id, status.vm_name, status.zone)
+                log_step(log, "STARTED", f"on {status.vm_name} ({status.zone})", self.submitted_at,
+                         status.time.timestamp())
         return terminal
 
     def drain_acks(self) -> list[str]:
         ack_ids, self.ack_ids = self.ack_ids, []
         return ack_ids
+
+
+def _timestamp(rfc3339: str) -> float | None:
+    try:
+        return datetime.fromisoformat(rfc3339).timestamp() if rfc3339 else None
+    except ValueError:
+        return None
+
+
+def _outcome(status: StatusMessage, started: StatusMessage | None) -> str:
+    parts = [] if status.exit_code is None else [f"exit code {status.exit_code}"]
+    if started:
+        parts.append(f"after {(status.time - started.time).total_seconds():.1f} s")
+    if status.status is not Status.FINISHED and status.reason:
+        parts.append(status.reason)
+    return ", ".join(parts)
 
 
 def status_event(project_id: str, status: StatusMessage, started: StatusMessage | None) -> dict[str, Any]:
@@ -105,6 +131,7 @@ class BatchVmJobTrigger(BaseTrigger):
     :param project_id: project of the status topic and of the VM.
     :param zone: zone of the job's VM.
     :param liveness_check_seconds: how often to check that the VM still runs.
+    :param submitted_at: when the job was submitted (epoch seconds), for the timeline in the task log.
     """
 
     def __init__(
@@ -117,6 +144,7 @@ class BatchVmJobTrigger(BaseTrigger):
         gcp_conn_id: str = "google_cloud_default",
         impersonation_chain: str | Sequence[str] | None = None,
         liveness_check_seconds: float = 60.0,
+        submitted_at: float | None = None,
     ) -> None:
         super().__init__()
         self.job_id = job_id
@@ -126,6 +154,8 @@ class BatchVmJobTrigger(BaseTrigger):
         self.gcp_conn_id = gcp_conn_id
         self.impersonation_chain = impersonation_chain
         self.liveness_check_seconds = liveness_check_seconds
+        self.submitted_at = submitted_at
+        self._vm_state = ""
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -138,6 +168,7 @@ class BatchVmJobTrigger(BaseTrigger):
                 "gcp_conn_id": self.gcp_conn_id,
                 "impersonation_chain": self.impersonation_chain,
                 "liveness_check_seconds": self.liveness_check_seconds,
+                "submitted_at": self.submitted_at,
             },
         )
 
@@ -150,8 +181,8 @@ class BatchVmJobTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = self._hook()
-        statuses = StatusFilter(self.job_id, self.attempt)
-        next_check = time.monotonic() + self.liveness_check_seconds
+        statuses = StatusFilter(self.job_id, self.attempt, self.submitted_at)
+        next_check = time.monotonic() + min(self.liveness_check_seconds, 1.0)
         backoff = 1.0
         while True:
             wait = min(MAX_PULL_SECONDS, max(0.5, next_check - time.monotonic()))
@@ -168,8 +199,9 @@ class BatchVmJobTrigger(BaseTrigger):
                 yield TriggerEvent(status_event(self.project_id, terminal, statuses.started))
                 return
             if time.monotonic() >= next_check:
-                next_check = time.monotonic() + self.liveness_check_seconds
                 lost = await self._vm_lost(hook, statuses)
+                interval = self.liveness_check_seconds if self._vm_state == "RUNNING" else BOOT_CHECK_SECONDS
+                next_check = time.monotonic() + min(self.liveness_check_seconds, interval)
                 if lost:
                     yield TriggerEvent(lost)
                     return
@@ -178,6 +210,10 @@ class BatchVmJobTrigger(BaseTrigger):
         """A VM that is down or gone gets one last look for its final status before we call it lost."""
         vm = await hook.get_vm(project_id=self.project_id, zone=self.zone, vm_name=self.names.vm_name)
         state = vm.status if vm else "DELETED"
+        if state != self._vm_state:
+            self._vm_state = state
+            since = _timestamp(vm.last_start_timestamp) if vm and state == "RUNNING" else None
+            log_step(self.log, f"VM {state.lower()}", self.names.vm_name, self.submitted_at, since)
         if state not in VM_DOWN_STATES and state != "DELETED":
             return None
         # The agent publishes before it powers off: anything it said is already on the subscription.

@@ -37,7 +37,10 @@ async def test_a_job_succeeds_and_leaves_nothing_behind(cloud, capfd):
     assert context["ti"].xcoms["job_id"] == result["job_id"]
     assert context["ti"].xcoms["vm_name"] == result["vm_name"]
     assert context["ti"].xcoms["batchvm_instance"]["vm_name"] == result["vm_name"]  # link persisted
-    assert 'Starting Job: {"hello":"world"}' in capfd.readouterr().out  # the container's own output, in the task log
+    log = capfd.readouterr().out
+    assert 'Starting Job: {"hello":"world"}' in log  # the container's own output, in the task log
+    steps = [line.split("|")[3].strip() for line in log.splitlines() if "batchvm |" in line]
+    assert steps == ["submitted", "VM created", "VM running", "STARTED", "FINISHED"]  # the timeline, in order
     cloud.assert_nothing_left(result["job_id"])
 
 

@@ -43,7 +43,9 @@ def hook():
 
 
 def test_serialize_is_exact():
-    trigger = make_trigger(gcp_conn_id="conn", impersonation_chain=["sa@p.iam.gserviceaccount.com"])
+    trigger = make_trigger(
+        gcp_conn_id="conn", impersonation_chain=["sa@p.iam.gserviceaccount.com"], submitted_at=1764777600.5
+    )
     assert trigger.serialize() == (
         CLASSPATH,
         {
@@ -54,6 +56,7 @@ def test_serialize_is_exact():
             "gcp_conn_id": "conn",
             "impersonation_chain": ["sa@p.iam.gserviceaccount.com"],
             "liveness_check_seconds": 60.0,
+            "submitted_at": 1764777600.5,
         },
     )
     _, kwargs = trigger.serialize()
