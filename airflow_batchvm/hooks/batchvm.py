@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +41,15 @@ JOB_ACK_DEADLINE_SECONDS = 60
 # restarted triggerer sees it again after this long.
 STATUS_ACK_DEADLINE_SECONDS = 20
 
+# Compute Engine's words for "no capacity for this machine in this zone right now".
+STOCKOUT_REASONS = frozenset(
+    {"ZONE_RESOURCE_POOL_EXHAUSTED", "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS", "resourcePoolExhausted"}
+)
+# States in which a VM is booting or working: a retried task reattaches to such a VM.
+VM_ALIVE_STATES = frozenset({"PROVISIONING", "STAGING", "RUNNING", "REPAIRING"})
+# How long an insert may take before Compute Engine has accepted it (its operation is DONE).
+INSERT_TIMEOUT_SECONDS = 300.0
+
 # Unavailable / deadline errors are what a Pub/Sub or Compute blip looks like.
 _TRANSIENT = (gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.InternalServerError, gexc.TooManyRequests)
 API_RETRY = Retry(predicate=if_exception_type(*_TRANSIENT), initial=0.5, maximum=10, timeout=120)
@@ -62,7 +72,11 @@ class JobNames:
 
     @property
     def vm_name(self) -> str:
-        return f"bvm-{self.job_id}"
+        return self.vm_name_for(1)
+
+    def vm_name_for(self, vm_attempt: int) -> str:
+        """The first VM of a job is ``bvm-JOB``; a replacement for a lost one is ``bvm-JOB-rN``."""
+        return f"bvm-{self.job_id}" if vm_attempt <= 1 else f"bvm-{self.job_id}-r{vm_attempt}"
 
     @property
     def job_topic(self) -> str:
@@ -193,10 +207,14 @@ class BatchVmHook(GoogleBaseHook):
         labels: dict[str, str],
         request_id: str,
         machine_type: str | None = None,
+        spot: bool = False,
+        max_run_seconds: int | None = None,
+        timeout: float = INSERT_TIMEOUT_SECONDS,
     ) -> None:
         """Create the job's VM from the template and wait until Compute Engine accepted it.
 
-        ``request_id`` makes a retried call a no-op instead of a second VM.
+        ``request_id`` makes a retried call a no-op instead of a second VM. ``max_run_seconds``
+        has Compute Engine delete the VM after that long even if Airflow is gone.
         """
         instance = compute_v1.Instance(
             name=vm_name,
@@ -207,6 +225,15 @@ class BatchVmHook(GoogleBaseHook):
         )
         if machine_type:
             instance.machine_type = f"zones/{zone}/machineTypes/{machine_type}"
+        if spot or max_run_seconds:
+            scheduling = compute_v1.Scheduling(instance_termination_action="DELETE")
+            if spot:
+                scheduling.provisioning_model = "SPOT"
+                scheduling.automatic_restart = False
+                scheduling.on_host_maintenance = "TERMINATE"
+            if max_run_seconds:
+                scheduling.max_run_duration = compute_v1.Duration(seconds=max_run_seconds)
+            instance.scheduling = scheduling
         request = compute_v1.InsertInstanceRequest(
             project=project_id,
             zone=zone,
@@ -224,7 +251,16 @@ class BatchVmHook(GoogleBaseHook):
                 f"Compute Engine refused to create VM {vm_name} in {zone}: {exc.message}",
                 reason=_error_reason(exc),
             ) from exc
-        self._wait(project_id, zone, operation, f"create VM {vm_name}")
+        self._wait(project_id, zone, operation, f"create VM {vm_name}", timeout)
+
+    def find_job_vms(self, *, project_id: str, zone: str, job_id: str) -> list[compute_v1.Instance]:
+        """The VMs of a job, found by label as the KubernetesPodOperator finds a task's pod."""
+        return list(
+            self.instances.list(
+                request={"project": project_id, "zone": zone, "filter": f'labels.batchvm-job-id = "{job_id}"'},
+                retry=API_RETRY,
+            )
+        )
 
     def get_vm(self, *, project_id: str, zone: str, vm_name: str) -> compute_v1.Instance | None:
         try:
@@ -244,10 +280,17 @@ class BatchVmHook(GoogleBaseHook):
             self._wait(project_id, zone, operation, f"delete VM {vm_name}")
         return True
 
-    def _wait(self, project_id: str, zone: str, operation: compute_v1.Operation, what: str) -> None:
+    def _wait(
+        self, project_id: str, zone: str, operation: compute_v1.Operation, what: str,
+        timeout: float = INSERT_TIMEOUT_SECONDS,
+    ) -> None:
+        deadline = time.monotonic() + timeout
         while operation.status != compute_v1.Operation.Status.DONE:
+            if time.monotonic() > deadline:
+                raise VmInsertError(f"Compute Engine did not {what} within {timeout:.0f} s", "TIMEOUT")
             operation = self.zone_operations.wait(
-                project=project_id, zone=zone, operation=operation.name, retry=API_RETRY
+                project=project_id, zone=zone, operation=operation.name, retry=API_RETRY,
+                timeout=min(60.0, max(1.0, deadline - time.monotonic())),
             )
         if operation.error and operation.error.errors:
             first = operation.error.errors[0]
@@ -296,11 +339,11 @@ class BatchVmAsyncHook(GoogleBaseAsyncHook):
         sync_hook = await self.get_sync_hook()
         return await asyncio.to_thread(sync_hook.get_vm, project_id=project_id, zone=zone, vm_name=vm_name)
 
-    async def delete_job(self, names: JobNames, zone: str) -> None:
+    async def delete_job(self, names: JobNames, zone: str, vm_name: str) -> None:
         """Delete the job's VM and subscriptions: the cleanup for a task killed while deferred."""
         sync_hook = await self.get_sync_hook()
         await asyncio.to_thread(
-            sync_hook.delete_vm, project_id=names.project_id, zone=zone, vm_name=names.vm_name, wait=False
+            sync_hook.delete_vm, project_id=names.project_id, zone=zone, vm_name=vm_name, wait=False
         )
         await asyncio.to_thread(sync_hook.delete_job_subscriptions, names)
 

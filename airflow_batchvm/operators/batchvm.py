@@ -7,6 +7,7 @@ import re
 import time
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,14 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from pydantic import ValidationError
 
-from airflow_batchvm.hooks.batchvm import BatchVmHook, JobNames, VmInsertError, short_name
+from airflow_batchvm.hooks.batchvm import (
+    STOCKOUT_REASONS,
+    VM_ALIVE_STATES,
+    BatchVmHook,
+    JobNames,
+    VmInsertError,
+    short_name,
+)
 from airflow_batchvm.links.batchvm import BatchVmInstanceLink, BatchVmLogsLink
 from airflow_batchvm.sensors.batchvm import JobWaitMixin, OnFinishAction
 from airflow_batchvm.timeline import log_step
@@ -24,6 +32,8 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
 MANAGED_BY = {"managed-by": "airflow-batchvm"}
+# A VM's max run duration is the job's timeout plus this: time to boot, pull the image and report.
+MAX_RUN_MARGIN_SECONDS = 1800
 
 
 class JobSpecError(AirflowFailException):
@@ -47,6 +57,8 @@ class BatchVmSubmitJobOperator(BaseOperator):
     :param job_id: defaults to one derived from the task, the run and the map index.
     :param labels: Compute Engine labels added to the job and its VM.
     :param machine_type: overrides the template's machine type.
+    :param fallback_zones: zones to try in turn when ``zone`` has no capacity (a stockout).
+    :param spot: run on a Spot VM (cheaper, may be preempted; pair with ``max_vm_attempts``).
     :param project_id: defaults to the connection's project.
     :param vm_metadata: extra VM metadata (configuration only, never job data).
     """
@@ -63,6 +75,7 @@ class BatchVmSubmitJobOperator(BaseOperator):
         "instance_template",
         "zone",
         "machine_type",
+        "fallback_zones",
         "project_id",
         "impersonation_chain",
     )
@@ -84,6 +97,8 @@ class BatchVmSubmitJobOperator(BaseOperator):
         job_id: str | None = None,
         labels: dict[str, str] | None = None,
         machine_type: str | None = None,
+        fallback_zones: list[str] | None = None,
+        spot: bool = False,
         project_id: str | None = None,
         vm_metadata: dict[str, str] | None = None,
         gcp_conn_id: str = "google_cloud_default",
@@ -93,6 +108,7 @@ class BatchVmSubmitJobOperator(BaseOperator):
     ) -> None:
         super().__init__(**kwargs)
         self.submitted: JobNames | None = None
+        self.submitted_vm: tuple[str, str] | None = None
         self.image = image
         self.instance_template = instance_template
         self.zone = zone
@@ -104,6 +120,8 @@ class BatchVmSubmitJobOperator(BaseOperator):
         self.job_id = job_id
         self.labels = labels
         self.machine_type = machine_type
+        self.fallback_zones = fallback_zones
+        self.spot = spot
         self.project_id = project_id
         self.vm_metadata = vm_metadata
         self.gcp_conn_id = gcp_conn_id
@@ -118,19 +136,17 @@ class BatchVmSubmitJobOperator(BaseOperator):
             compute_api_endpoint=self.compute_api_endpoint,
         )
 
+    @property
+    def zones(self) -> list[str]:
+        return [self.zone, *(z for z in self.fallback_zones or () if z != self.zone)]
+
     def execute(self, context: Context) -> dict[str, Any]:
         spec = self.build_spec(context)
         names = self.submitted = JobNames(self.project_id or self.hook.project_id, spec.job_id)
-        submitted_at = time.time()
-        self.submit(context, spec, names, submitted_at)
-        result = {
-            "submitted_at": submitted_at,
-            "job_id": spec.job_id,
-            "attempt": spec.attempt,
-            "vm_name": names.vm_name,
-            "zone": self.zone,
-            "project_id": names.project_id,
-        }
+        result = self.reattach(names) or self.submit(context, spec, names)
+        self.submitted_vm = (result["zone"], result["vm_name"])
+        BatchVmInstanceLink.persist(context, project_id=names.project_id, zone=result["zone"], vm_name=result["vm_name"])
+        BatchVmLogsLink.persist(context, project_id=names.project_id, vm_name=result["vm_name"])
         for key in ("job_id", "vm_name", "zone", "attempt"):
             context["ti"].xcom_push(key=key, value=result[key])
         return result
@@ -157,57 +173,114 @@ class BatchVmSubmitJobOperator(BaseOperator):
                 f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
             )
             raise JobSpecError(f"Invalid batch job spec: {problems}") from None
-        vm_name = JobNames("-", spec.job_id).vm_name
-        if not re.match(VM_NAME_PATTERN, vm_name):
-            raise JobSpecError(f"Invalid batch job spec: job_id: gives VM name {vm_name!r}, which Compute Engine refuses")
+        longest_vm_name = JobNames("-", spec.job_id).vm_name_for(99)
+        if not re.match(VM_NAME_PATTERN, longest_vm_name):
+            raise JobSpecError(
+                f"Invalid batch job spec: job_id: gives VM names like {longest_vm_name!r}, which Compute Engine refuses"
+            )
         for name, value in (("instance_template", self.instance_template), ("zone", self.zone)):
             if not value or not isinstance(value, str):
                 raise JobSpecError(f"Invalid batch job spec: {name}: must be a non-empty string")
         return spec
 
-    def submit(self, context: Context, spec: JobSpec, names: JobNames, submitted_at: float) -> None:
+    def reattach(self, names: JobNames) -> dict[str, Any] | None:
+        """A retried task finds its job's VM by label: a live one is watched again, never doubled.
+
+        VMs of the job that are down are deleted, so that the new attempt runs alone.
+        """
+        found = None
+        for zone in self.zones:
+            for vm in self.hook.find_job_vms(project_id=names.project_id, zone=zone, job_id=names.job_id):
+                attempt = _metadata(vm, "batchvm-attempt")
+                if found is None and vm.status in VM_ALIVE_STATES and attempt and attempt.isdigit():
+                    found = {
+                        "job_id": names.job_id,
+                        "attempt": int(attempt),
+                        "vm_name": vm.name,
+                        "zone": zone,
+                        "project_id": names.project_id,
+                        "submitted_at": _epoch(vm.creation_timestamp),
+                        "reattached": True,
+                    }
+                    self.log.info("Reattached to job %s attempt %s on VM %s (%s), which is %s",
+                                  names.job_id, attempt, vm.name, zone, vm.status)
+                else:
+                    self.log.info("Deleting VM %s (%s) left by an earlier try", vm.name, vm.status)
+                    self.hook.delete_vm(project_id=names.project_id, zone=zone, vm_name=vm.name)
+        return found
+
+    def submit(self, context: Context, spec: JobSpec, names: JobNames) -> dict[str, Any]:
         """Subscriptions first (so nothing published is missed), then the job, then its VM."""
-        hook = self.hook
-        ti = context["ti"]
-        hook.create_job_subscriptions(names)
+        submitted_at = time.time()
+        self.hook.create_job_subscriptions(names)
         try:
-            # A VM left by an earlier try of this task must not run next to the new one.
-            if hook.delete_vm(project_id=names.project_id, zone=self.zone, vm_name=names.vm_name):
-                self.log.info("Deleted VM %s left by an earlier try", names.vm_name)
-            message_id = hook.publish_job(names, spec)
+            message_id = self.hook.publish_job(names, spec)
             log_step(self.log, "submitted", f"job {spec.job_id} attempt {spec.attempt} (message {message_id})",
                      submitted_at)
-            hook.insert_vm(
-                project_id=names.project_id,
-                zone=self.zone,
-                vm_name=names.vm_name,
-                instance_template=self.instance_template,
-                machine_type=self.machine_type,
-                metadata={
-                    **(self.vm_metadata or {}),
-                    "batchvm-job-id": spec.job_id,
-                    "batchvm-attempt": str(spec.attempt),
-                    "batchvm-job-subscription": short_name(names.job_subscription),
-                    "batchvm-status-topic": short_name(names.status_topic),
-                },
-                labels={
-                    **spec.labels,
-                    **task_labels(ti.dag_id, ti.task_id, ti.run_id, ti.map_index, ti.try_number),
-                    "batchvm-job-id": spec.job_id,
-                    **MANAGED_BY,
-                },
-                request_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"batchvm/{spec.job_id}/{spec.attempt}")),
-            )
-        except VmInsertError as exc:
-            hook.delete_job_subscriptions(names)
-            raise AirflowException(f"Could not create the VM for job {spec.job_id}: {exc} [{exc.reason}]") from exc
+            zone, vm_name = self.create_vm(context, names, spec.attempt, vm_attempt=1, zones=self.zones)
         except BaseException:
-            hook.delete_job_subscriptions(names)
+            self.hook.delete_job_subscriptions(names)
             raise
-        log_step(self.log, "VM created", f"{names.vm_name} in {self.zone} from {self.instance_template}",
-                 submitted_at)
-        BatchVmInstanceLink.persist(context, project_id=names.project_id, zone=self.zone, vm_name=names.vm_name)
-        BatchVmLogsLink.persist(context, project_id=names.project_id, vm_name=names.vm_name)
+        log_step(self.log, "VM created", f"{vm_name} in {zone} from {self.instance_template}", submitted_at)
+        return {
+            "job_id": spec.job_id,
+            "attempt": spec.attempt,
+            "vm_name": vm_name,
+            "zone": zone,
+            "project_id": names.project_id,
+            "submitted_at": submitted_at,
+        }
+
+    def create_vm(
+        self, context: Context, names: JobNames, attempt: int, vm_attempt: int, zones: Sequence[str]
+    ) -> tuple[str, str]:
+        """Create one VM for the job, in the first of ``zones`` with capacity; returns (zone, name)."""
+        ti = context["ti"]
+        vm_name = names.vm_name_for(vm_attempt)
+        stockouts = []
+        for zone in zones:
+            try:
+                self.hook.insert_vm(
+                    project_id=names.project_id,
+                    zone=zone,
+                    vm_name=vm_name,
+                    instance_template=self.instance_template,
+                    machine_type=self.machine_type,
+                    spot=self.spot,
+                    max_run_seconds=self.max_run_seconds,
+                    metadata={
+                        **(self.vm_metadata or {}),
+                        "batchvm-job-id": names.job_id,
+                        "batchvm-attempt": str(attempt),
+                        "batchvm-job-subscription": short_name(names.job_subscription),
+                        "batchvm-status-topic": short_name(names.status_topic),
+                    },
+                    labels={
+                        **(self.labels or {}),
+                        **task_labels(ti.dag_id, ti.task_id, ti.run_id, ti.map_index, ti.try_number),
+                        "batchvm-job-id": names.job_id,
+                        **MANAGED_BY,
+                    },
+                    request_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"batchvm/{vm_name}/{attempt}/{zone}")),
+                )
+                return zone, vm_name
+            except VmInsertError as exc:
+                if exc.reason not in STOCKOUT_REASONS:
+                    raise AirflowException(f"Could not create the VM for job {names.job_id}: {exc} [{exc.reason}]") from exc
+                stockouts.append(zone)
+                self.log.warning("No capacity for VM %s in %s (%s)%s", vm_name, zone, exc.reason,
+                                 "; trying the next zone" if zone != zones[-1] else "")
+        raise AirflowException(
+            f"Could not create the VM for job {names.job_id}: no capacity in any of the zones "
+            f"{', '.join(stockouts)} (ZONE_RESOURCE_POOL_EXHAUSTED); add zones to fallback_zones or retry later"
+        )
+
+    @property
+    def max_run_seconds(self) -> int | None:
+        """Compute Engine deletes the VM after this long, even if Airflow is gone."""
+        if not self.timeout_seconds:
+            return None
+        return int(self.timeout_seconds) + MAX_RUN_MARGIN_SECONDS
 
 
 class BatchVmRunJobOperator(JobWaitMixin, BatchVmSubmitJobOperator):
@@ -215,11 +288,18 @@ class BatchVmRunJobOperator(JobWaitMixin, BatchVmSubmitJobOperator):
 
     Deferrable by default, so no worker slot is held while the job runs. Succeeds when the job
     finishes with exit code 0 and returns a small result (job id, VM, zone, exit code, timings);
-    fails with the exit code, the reason and the container's log tail in the task log. The VM and
-    the job's subscriptions are deleted when it is done (see ``on_finish_action``).
+    fails with the exit code, the reason and the container's log tail in the task log. A VM that
+    is preempted or lost mid-job is replaced, up to ``max_vm_attempts`` VMs: the job message was
+    never acked, so the replacement takes the same job. A retried task reattaches to a VM that
+    still runs its job. The VM and the job's subscriptions are deleted when it is done (see
+    ``on_finish_action``).
 
     :param on_finish_action: ``delete_vm`` (default), ``keep_vm_on_failure`` or ``keep_vm``.
+    :param max_vm_attempts: how many VMs the job may use in all when VMs are preempted or lost.
     :param liveness_check_seconds: how often the VM's liveness is checked while waiting.
+    :param startup_timeout_seconds: how long the job may take to report STARTED after submission.
+    :param heartbeat_timeout_seconds: how long a started job may stay silent before its VM is
+        considered lost (the agent sends a heartbeat every 30 s); ``None`` disables it.
     :param deferrable: wait in the triggerer (default) or in the worker.
     """
 
@@ -227,25 +307,45 @@ class BatchVmRunJobOperator(JobWaitMixin, BatchVmSubmitJobOperator):
         self,
         *,
         on_finish_action: str = OnFinishAction.DELETE_VM,
+        max_vm_attempts: int = 3,
         liveness_check_seconds: float = 60.0,
+        startup_timeout_seconds: float = 900.0,
+        heartbeat_timeout_seconds: float | None = 300.0,
         deferrable: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.on_finish_action = on_finish_action
+        self.max_vm_attempts = max_vm_attempts
         self.liveness_check_seconds = liveness_check_seconds
+        self.startup_timeout_seconds = startup_timeout_seconds
+        self.heartbeat_timeout_seconds = heartbeat_timeout_seconds
         self.deferrable = deferrable
 
     def execute(self, context: Context) -> Any:
-        submitted = super().execute(context)
-        names = JobNames(submitted["project_id"], submitted["job_id"])
-        return self.wait_for_job(context, names, self.zone, submitted["attempt"], submitted["submitted_at"])
+        job = super().execute(context)
+        return self.wait_for_job(
+            context,
+            JobNames(job["project_id"], job["job_id"]),
+            attempt=job["attempt"],
+            zone=job["zone"],
+            vm_name=job["vm_name"],
+            submitted_at=job["submitted_at"],
+        )
+
+    def replace_vm(self, context: Context, names: JobNames, event: dict[str, Any], vm_attempt: int) -> tuple[str, str]:
+        zones = [event["zone"], *(z for z in self.zones if z != event["zone"])]
+        zone, vm_name = self.create_vm(context, names, event["attempt"], vm_attempt, zones)
+        log_step(self.log, "VM created", f"{vm_name} in {zone} (replacement {vm_attempt} of {self.max_vm_attempts})", None)
+        self.persist_links(context, names.project_id, zone, vm_name)
+        return zone, vm_name
 
     def on_kill(self) -> None:
         """Killed while running in the worker (not deferred): take the VM and subscriptions down."""
-        if names := self.submitted:
-            self.hook.delete_vm(project_id=names.project_id, zone=self.zone, vm_name=names.vm_name, wait=False)
-            self.hook.delete_job_subscriptions(names)
+        if self.submitted and self.submitted_vm:
+            zone, vm_name = self.submitted_vm
+            self.hook.delete_vm(project_id=self.submitted.project_id, zone=zone, vm_name=vm_name, wait=False)
+            self.hook.delete_job_subscriptions(self.submitted)
 
 
 def _slug(text: str) -> str:
@@ -258,6 +358,17 @@ def default_job_id(dag_id: str, task_id: str, run_id: str, map_index: int) -> st
     stem = _slug(task_id.rsplit(".", 1)[-1])[:30].strip("-") or "job"
     suffix = f"-{map_index}" if map_index is not None and map_index >= 0 else ""
     return f"{stem}{suffix}-{digest}"
+
+
+def _metadata(vm: Any, key: str) -> str | None:
+    return next((item.value for item in vm.metadata.items if item.key == key), None)
+
+
+def _epoch(rfc3339: str) -> float | None:
+    try:
+        return datetime.fromisoformat(rfc3339).timestamp() if rfc3339 else None
+    except ValueError:
+        return None
 
 
 def _label_value(value: Any) -> str:

@@ -29,6 +29,8 @@ VM_DOWN_STATES = frozenset({"STOPPING", "STOPPED", "SUSPENDING", "SUSPENDED", "T
 # Until the VM is seen running, it is looked at this often (first after one second), so that the
 # timeline shows when it came up; a real VM boots in 20-40 s, so that is a handful of calls.
 BOOT_CHECK_SECONDS = 5.0
+# A restarted watcher waits at least this long for a heartbeat before it calls a job unstarted.
+RESTART_GRACE_SECONDS = 90.0
 # A long poll returns at once when a status arrives; this only bounds how long one call waits.
 MAX_PULL_SECONDS = 30.0
 
@@ -39,14 +41,17 @@ class StatusFilter:
 
     The emulator does not apply subscription filters, and a retried job may leave an older
     attempt's statuses behind, so each message is checked here: another job's or another attempt's
-    is acked and ignored, a malformed one is logged and dropped, and the first terminal status of
-    this attempt wins. Duplicates and out-of-order arrivals change nothing.
+    is acked and ignored, as is one from an earlier VM of this attempt (a preempted VM's last words
+    must not end its replacement's wait); a malformed one is logged and dropped; and the first
+    terminal status of this VM wins. Duplicates and out-of-order arrivals change nothing.
     """
 
     job_id: str
     attempt: int
+    vm_name: str = ""
     submitted_at: float | None = None
     started: StatusMessage | None = None
+    last_heard: float | None = None  # monotonic time of this VM's latest status
     ack_ids: list[str] = field(default_factory=list)
 
     def take(self, received: Sequence[ReceivedMessage], log: Any) -> StatusMessage | None:
@@ -62,9 +67,14 @@ class StatusFilter:
                 log.warning("Dropped a malformed status message for job %s: %s", self.job_id, exc)
                 self.ack_ids.append(item.ack_id)
                 continue
-            if status.job_id != self.job_id or status.attempt != self.attempt:
+            if (
+                status.job_id != self.job_id
+                or status.attempt != self.attempt
+                or (self.vm_name and status.vm_name and status.vm_name != self.vm_name)
+            ):
                 self.ack_ids.append(item.ack_id)
                 continue
+            self.last_heard = time.monotonic()
             if status.status.terminal:
                 # Not acked: the task deletes the subscription once the event is handled, and until
                 # then a restarted triggerer must be able to see this status again.
@@ -109,29 +119,36 @@ def status_event(project_id: str, status: StatusMessage, started: StatusMessage 
     return event
 
 
-def vm_lost_event(names: JobNames, attempt: int, zone: str, state: str, started: StatusMessage | None) -> dict:
-    """The event for a VM that is down or gone although its job reported no terminal status."""
+def vm_lost_event(
+    names: JobNames, attempt: int, vm_name: str, zone: str, reason: str, started: StatusMessage | None
+) -> dict:
+    """The event for a VM that is down, gone or silent although its job reported no terminal status."""
     return {
         "job_id": names.job_id,
         "attempt": attempt,
         "project_id": names.project_id,
         "status": VM_LOST,
-        "vm_name": names.vm_name,
+        "vm_name": vm_name,
         "zone": zone,
-        "reason": f"VM {names.vm_name} is {state} and its job reported no terminal status",
+        "reason": reason,
         "started_at": started.time.isoformat() if started else None,
     }
 
 
 class BatchVmJobTrigger(BaseTrigger):
-    """Fires once with the job's terminal status, or with ``VM_LOST`` if its VM died without one.
+    """Fires once with the job's terminal status, or with ``VM_LOST`` if its VM died or fell silent.
 
     :param job_id: the job to watch.
     :param attempt: the job attempt whose statuses count; older attempts' statuses are ignored.
     :param project_id: project of the status topic and of the VM.
     :param zone: zone of the job's VM.
+    :param vm_name: the VM running the job (a replacement VM has its own name).
     :param liveness_check_seconds: how often to check that the VM still runs.
-    :param submitted_at: when the job was submitted (epoch seconds), for the timeline in the task log.
+    :param startup_timeout_seconds: how long after submission the job may take to report STARTED.
+    :param heartbeat_timeout_seconds: how long a started job may stay silent (the agent sends
+        RUNNING every 30 s by default); ``None`` to rely on VM liveness alone.
+    :param submitted_at: when the job was submitted (epoch seconds): the start of the startup
+        timeout, which thus survives a triggerer restart, and of the timeline in the task log.
     """
 
     def __init__(
@@ -141,9 +158,12 @@ class BatchVmJobTrigger(BaseTrigger):
         attempt: int,
         project_id: str,
         zone: str,
+        vm_name: str,
         gcp_conn_id: str = "google_cloud_default",
         impersonation_chain: str | Sequence[str] | None = None,
         liveness_check_seconds: float = 60.0,
+        startup_timeout_seconds: float = 900.0,
+        heartbeat_timeout_seconds: float | None = 300.0,
         submitted_at: float | None = None,
     ) -> None:
         super().__init__()
@@ -151,9 +171,12 @@ class BatchVmJobTrigger(BaseTrigger):
         self.attempt = attempt
         self.project_id = project_id
         self.zone = zone
+        self.vm_name = vm_name
         self.gcp_conn_id = gcp_conn_id
         self.impersonation_chain = impersonation_chain
         self.liveness_check_seconds = liveness_check_seconds
+        self.startup_timeout_seconds = startup_timeout_seconds
+        self.heartbeat_timeout_seconds = heartbeat_timeout_seconds
         self.submitted_at = submitted_at
         self._vm_state = ""
 
@@ -165,9 +188,12 @@ class BatchVmJobTrigger(BaseTrigger):
                 "attempt": self.attempt,
                 "project_id": self.project_id,
                 "zone": self.zone,
+                "vm_name": self.vm_name,
                 "gcp_conn_id": self.gcp_conn_id,
                 "impersonation_chain": self.impersonation_chain,
                 "liveness_check_seconds": self.liveness_check_seconds,
+                "startup_timeout_seconds": self.startup_timeout_seconds,
+                "heartbeat_timeout_seconds": self.heartbeat_timeout_seconds,
                 "submitted_at": self.submitted_at,
             },
         )
@@ -181,7 +207,13 @@ class BatchVmJobTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = self._hook()
-        statuses = StatusFilter(self.job_id, self.attempt, self.submitted_at)
+        statuses = StatusFilter(self.job_id, self.attempt, self.vm_name, self.submitted_at)
+        # Measured from submission, so a triggerer restart does not reset it; but a restarted watcher
+        # first gives a running job the time to send a heartbeat (its STARTED was acked already).
+        since_submission = time.time() - self.submitted_at if self.submitted_at else 0.0
+        startup_deadline = time.monotonic() + max(
+            self.startup_timeout_seconds - since_submission, min(self.startup_timeout_seconds, RESTART_GRACE_SECONDS)
+        )
         next_check = time.monotonic() + min(self.liveness_check_seconds, 1.0)
         backoff = 1.0
         while True:
@@ -198,6 +230,10 @@ class BatchVmJobTrigger(BaseTrigger):
             if terminal:
                 yield TriggerEvent(status_event(self.project_id, terminal, statuses.started))
                 return
+            silent = self._silence(statuses, startup_deadline)
+            if silent:
+                yield TriggerEvent(silent)
+                return
             if time.monotonic() >= next_check:
                 lost = await self._vm_lost(hook, statuses)
                 interval = self.liveness_check_seconds if self._vm_state == "RUNNING" else BOOT_CHECK_SECONDS
@@ -206,23 +242,40 @@ class BatchVmJobTrigger(BaseTrigger):
                     yield TriggerEvent(lost)
                     return
 
+    def _silence(self, statuses: StatusFilter, startup_deadline: float) -> dict[str, Any] | None:
+        """A job that never started, or that stopped talking, ends the wait instead of hanging it."""
+        now = time.monotonic()
+        if statuses.last_heard is None and now > startup_deadline:
+            reason = f"job did not start within {self.startup_timeout_seconds:.0f} s (VM {self._vm_state or 'unseen'})"
+        elif (
+            statuses.last_heard is not None
+            and self.heartbeat_timeout_seconds is not None
+            and now - statuses.last_heard > self.heartbeat_timeout_seconds
+        ):
+            reason = f"no word from the job for {self.heartbeat_timeout_seconds:.0f} s"
+        else:
+            return None
+        self.log.warning("Job %s: %s", self.job_id, reason)
+        return vm_lost_event(self.names, self.attempt, self.vm_name, self.zone, reason, statuses.started)
+
     async def _vm_lost(self, hook: BatchVmAsyncHook, statuses: StatusFilter) -> dict[str, Any] | None:
         """A VM that is down or gone gets one last look for its final status before we call it lost."""
-        vm = await hook.get_vm(project_id=self.project_id, zone=self.zone, vm_name=self.names.vm_name)
+        vm = await hook.get_vm(project_id=self.project_id, zone=self.zone, vm_name=self.vm_name)
         state = vm.status if vm else "DELETED"
         if state != self._vm_state:
             self._vm_state = state
             since = _timestamp(vm.last_start_timestamp) if vm and state == "RUNNING" else None
-            log_step(self.log, f"VM {state.lower()}", self.names.vm_name, self.submitted_at, since)
+            log_step(self.log, f"VM {state.lower()}", self.vm_name, self.submitted_at, since)
         if state not in VM_DOWN_STATES and state != "DELETED":
             return None
         # The agent publishes before it powers off: anything it said is already on the subscription.
         terminal = statuses.take(await hook.pull_statuses(self.names, timeout=2.0), self.log)
         if terminal:
             return status_event(self.project_id, terminal, statuses.started)
-        return vm_lost_event(self.names, self.attempt, self.zone, state, statuses.started)
+        reason = f"VM {self.vm_name} is {state} and its job reported no terminal status"
+        return vm_lost_event(self.names, self.attempt, self.vm_name, self.zone, reason, statuses.started)
 
     async def on_kill(self) -> None:
         """The user killed the deferred task (mark failed, clear): leave no VM or subscription behind."""
-        self.log.info("Task killed while waiting: deleting VM %s and the job's subscriptions", self.names.vm_name)
-        await asyncio.wait_for(self._hook().delete_job(self.names, self.zone), timeout=60)
+        self.log.info("Task killed while waiting: deleting VM %s and the job's subscriptions", self.vm_name)
+        await asyncio.wait_for(self._hook().delete_job(self.names, self.zone, self.vm_name), timeout=60)

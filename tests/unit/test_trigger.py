@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from unittest import mock
 
 import pytest
@@ -17,7 +18,8 @@ CLASSPATH = "airflow_batchvm.triggers.batchvm.BatchVmJobTrigger"
 
 
 def make_trigger(**overrides):
-    kwargs = {"job_id": "job-1", "attempt": 2, "project_id": "p", "zone": "z", "liveness_check_seconds": 60.0}
+    kwargs = {"job_id": "job-1", "attempt": 2, "project_id": "p", "zone": "z", "vm_name": "bvm-job-1",
+              "liveness_check_seconds": 60.0}
     return BatchVmJobTrigger(**{**kwargs, **overrides})
 
 
@@ -53,9 +55,12 @@ def test_serialize_is_exact():
             "attempt": 2,
             "project_id": "p",
             "zone": "z",
+            "vm_name": "bvm-job-1",
             "gcp_conn_id": "conn",
             "impersonation_chain": ["sa@p.iam.gserviceaccount.com"],
             "liveness_check_seconds": 60.0,
+            "startup_timeout_seconds": 900.0,
+            "heartbeat_timeout_seconds": 300.0,
             "submitted_at": 1764777600.5,
         },
     )
@@ -158,5 +163,40 @@ async def test_pubsub_outage_is_retried(hook, monkeypatch):
 
 async def test_on_kill_deletes_the_vm_and_subscriptions(hook):
     await make_trigger().on_kill()
-    names, zone = hook.delete_job.await_args.args
-    assert (names.vm_name, names.job_subscription, zone) == ("bvm-job-1", "projects/p/subscriptions/batchvm-job-job-1", "z")
+    names, zone, vm_name = hook.delete_job.await_args.args
+    assert (vm_name, names.job_subscription, zone) == ("bvm-job-1", "projects/p/subscriptions/batchvm-job-job-1", "z")
+
+
+async def test_a_replaced_vms_last_words_do_not_end_its_successors_wait(hook):
+    hook.pull_statuses.side_effect = [
+        [received(status(Status.PREEMPTED), "old")],  # from bvm-job-1, the VM that was preempted
+        [received(StatusMessage(job_id="job-1", attempt=2, status=Status.FINISHED, vm_name="bvm-job-1-r2",
+                                exit_code=0), "new")],
+    ]
+    event = await make_trigger(vm_name="bvm-job-1-r2").run().asend(None)
+    assert (event.payload["status"], event.payload["vm_name"]) == ("FINISHED", "bvm-job-1-r2")
+    assert hook.acknowledge.await_args_list[0].args[1] == ["old"]
+
+
+async def test_a_job_that_never_starts_ends_the_wait(hook):
+    hook.get_vm.return_value = compute_v1.Instance(name="bvm-job-1", status="PROVISIONING")
+    event = await make_trigger(startup_timeout_seconds=0.0, submitted_at=time.time() - 5).run().asend(None)
+    assert event.payload["status"] == VM_LOST
+    assert "did not start within 0 s" in event.payload["reason"]
+
+
+async def test_a_restarted_watcher_gives_a_long_running_job_time_to_speak(hook):
+    # Submitted two hours ago, STARTED long acked: a heartbeat within the grace keeps it alive.
+    hook.pull_statuses.side_effect = [
+        [received(status(Status.RUNNING), "hb")],
+        [received(status(Status.FINISHED, exit_code=0), "f")],
+    ]
+    event = await make_trigger(startup_timeout_seconds=900.0, submitted_at=time.time() - 7200).run().asend(None)
+    assert event.payload["status"] == "FINISHED"
+
+
+async def test_a_started_job_that_falls_silent_ends_the_wait(hook):
+    hook.pull_statuses.side_effect = [[received(status(Status.STARTED), "s")], [], [], []]
+    event = await make_trigger(heartbeat_timeout_seconds=0.0).run().asend(None)
+    assert event.payload["status"] == VM_LOST
+    assert "no word from the job" in event.payload["reason"]
