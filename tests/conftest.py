@@ -43,7 +43,13 @@ def local_stack(tmp_path_factory):
     from batchvm_local.stack import LocalStack
 
     subprocess.run(["bash", str(REPO / "worker_image/local/setup.sh")], check=True)
-    stack = LocalStack(pubsub_port=0, compute_port=0, state_dir=tmp_path_factory.mktemp("stack"))
+    stack = LocalStack(
+        pubsub_port=0,
+        compute_port=0,
+        state_dir=tmp_path_factory.mktemp("stack"),
+        # Lets a test make the agent crash after STARTED (fault F5); production units never set it.
+        extra_env={"BATCHVM_AGENT_TEST_HOOKS": "1"},
+    )
     stack.start()
     saved = {key: os.environ.get(key) for key in stack.env()}
     os.environ.update(stack.env())
@@ -59,5 +65,7 @@ def local_stack(tmp_path_factory):
 @pytest.fixture
 def cloud(local_stack):
     cloud = Cloud(local_stack)
+    cloud.reset_faults()
     yield cloud
+    cloud.reset_faults()
     cloud.assert_nothing_left()

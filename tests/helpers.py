@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -11,6 +13,7 @@ from unittest import mock
 
 from airflow.sdk.exceptions import TaskDeferred
 from google.api_core.client_options import ClientOptions
+from google.api_core.exceptions import NotFound
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import compute_v1, pubsub_v1
 
@@ -26,6 +29,7 @@ class Cloud:
         self.project = env["BATCHVM_PROJECT"]
         self.zone = env["BATCHVM_ZONE"]
         self.template = env["BATCHVM_INSTANCE_TEMPLATE"]
+        self.compute_url = env["BATCHVM_COMPUTE_API_ENDPOINT"]
         self.instances = compute_v1.InstancesClient(
             credentials=AnonymousCredentials(),
             client_options=ClientOptions(api_endpoint=env["BATCHVM_COMPUTE_API_ENDPOINT"]),
@@ -33,8 +37,57 @@ class Cloud:
         self.subscriber = pubsub_v1.SubscriberClient()
         self.publisher = pubsub_v1.PublisherClient()
 
+    zones: tuple[str, ...] = ()
+
     def vms(self, job_id: str = "") -> list[str]:
-        return [i.name for i in self.instances.list(project=self.project, zone=self.zone) if job_id in i.name]
+        return [
+            i.name
+            for zone in (self.zone, *self.zones)
+            for i in self.instances.list(project=self.project, zone=zone)
+            if job_id in i.name
+        ]
+
+    def vm(self, name: str, zone: str | None = None):
+        try:
+            return self.instances.get(project=self.project, zone=zone or self.zone, instance=name)
+        except NotFound:
+            return None
+
+    # -- the stand-in's test-only knobs (/_local/) ---------------------------------------------
+
+    def _local(self, method: str, path: str, body: dict | None = None) -> dict:
+        request = urllib.request.Request(
+            f"{self.compute_url}/_local/{path}", method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read() or b"{}")
+
+    def arm(self, fault: str, zone: str | None = None, count: int | None = 1, **extra) -> None:
+        self._local("POST", "faults", {"fault": fault, "zone": zone, "count": count, **extra})
+
+    def reset_faults(self) -> None:
+        self._local("POST", "reset", {})
+
+    def preempt(self, vm_name: str, grace_seconds: float = 1, zone: str | None = None) -> None:
+        self._local("POST", f"projects/{self.project}/zones/{zone or self.zone}/instances/{vm_name}/preempt",
+                    {"graceSeconds": grace_seconds})
+
+    def kill(self, vm_name: str, zone: str | None = None) -> None:
+        self._local("POST", f"projects/{self.project}/zones/{zone or self.zone}/instances/{vm_name}/kill")
+
+    def calls(self, method: str) -> int:
+        return self._local("GET", "stats")["calls"].get(method, 0)
+
+    async def wait_for_vm(self, name: str, status: str = "RUNNING", timeout: float = 30, zone: str | None = None):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            vm = await asyncio.to_thread(self.vm, name, zone)
+            if vm is not None and vm.status == status:
+                return vm
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"VM {name} did not reach {status} within {timeout} s")
 
     def job_subscriptions(self, job_id: str = "") -> list[str]:
         names = [s.name.rsplit("/", 1)[-1] for s in self.subscriber.list_subscriptions(project=f"projects/{self.project}")]

@@ -1,5 +1,25 @@
-"""The ``batchvm`` command line (typer + rich)."""
+"""The ``batchvm`` command line (typer + rich).
+
+Every command works against real GCP and against the local emulators alike: only the endpoints
+differ (``PUBSUB_EMULATOR_HOST``, ``BATCHVM_COMPUTE_API_ENDPOINT``). None needs an Airflow metadata
+database: the Google connection comes from the environment, else Application Default Credentials.
+"""
 
 import typer
 
-app = typer.Typer(help="airflow-batchvm: batch jobs on single-job Compute Engine VMs.", no_args_is_help=True)
+from airflow_batchvm.cli.gc import gc
+from airflow_batchvm.cli.local import local_app
+from airflow_batchvm.cli.monitor import monitor
+from airflow_batchvm.cli.setup import setup
+from airflow_batchvm.cli.submit import submit
+
+app = typer.Typer(
+    help="airflow-batchvm: batch jobs on single-job Compute Engine VMs.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+app.command()(setup)
+app.command()(submit)
+app.command()(monitor)
+app.command()(gc)
+app.add_typer(local_app, name="local")

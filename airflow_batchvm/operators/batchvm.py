@@ -16,6 +16,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from pydantic import ValidationError
 
 from airflow_batchvm.hooks.batchvm import (
+    INSERT_TIMEOUT_SECONDS,
     STOCKOUT_REASONS,
     VM_ALIVE_STATES,
     BatchVmHook,
@@ -59,6 +60,8 @@ class BatchVmSubmitJobOperator(BaseOperator):
     :param machine_type: overrides the template's machine type.
     :param fallback_zones: zones to try in turn when ``zone`` has no capacity (a stockout).
     :param spot: run on a Spot VM (cheaper, may be preempted; pair with ``max_vm_attempts``).
+    :param startup_timeout_seconds: how long the job may take to report STARTED after submission
+        (and Compute Engine to accept its VM).
     :param project_id: defaults to the connection's project.
     :param vm_metadata: extra VM metadata (configuration only, never job data).
     """
@@ -99,6 +102,7 @@ class BatchVmSubmitJobOperator(BaseOperator):
         machine_type: str | None = None,
         fallback_zones: list[str] | None = None,
         spot: bool = False,
+        startup_timeout_seconds: float = 900.0,
         project_id: str | None = None,
         vm_metadata: dict[str, str] | None = None,
         gcp_conn_id: str = "google_cloud_default",
@@ -122,6 +126,7 @@ class BatchVmSubmitJobOperator(BaseOperator):
         self.machine_type = machine_type
         self.fallback_zones = fallback_zones
         self.spot = spot
+        self.startup_timeout_seconds = startup_timeout_seconds
         self.project_id = project_id
         self.vm_metadata = vm_metadata
         self.gcp_conn_id = gcp_conn_id
@@ -262,9 +267,12 @@ class BatchVmSubmitJobOperator(BaseOperator):
                         **MANAGED_BY,
                     },
                     request_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"batchvm/{vm_name}/{attempt}/{zone}")),
+                    timeout=min(INSERT_TIMEOUT_SECONDS, self.startup_timeout_seconds),
                 )
                 return zone, vm_name
             except VmInsertError as exc:
+                if exc.reason == "TIMEOUT":  # the VM may exist, stuck: it must not outlive the task
+                    self.hook.delete_vm(project_id=names.project_id, zone=zone, vm_name=vm_name, wait=False)
                 if exc.reason not in STOCKOUT_REASONS:
                     raise AirflowException(f"Could not create the VM for job {names.job_id}: {exc} [{exc.reason}]") from exc
                 stockouts.append(zone)
@@ -297,7 +305,6 @@ class BatchVmRunJobOperator(JobWaitMixin, BatchVmSubmitJobOperator):
     :param on_finish_action: ``delete_vm`` (default), ``keep_vm_on_failure`` or ``keep_vm``.
     :param max_vm_attempts: how many VMs the job may use in all when VMs are preempted or lost.
     :param liveness_check_seconds: how often the VM's liveness is checked while waiting.
-    :param startup_timeout_seconds: how long the job may take to report STARTED after submission.
     :param heartbeat_timeout_seconds: how long a started job may stay silent before its VM is
         considered lost (the agent sends a heartbeat every 30 s); ``None`` disables it.
     :param deferrable: wait in the triggerer (default) or in the worker.
@@ -309,7 +316,6 @@ class BatchVmRunJobOperator(JobWaitMixin, BatchVmSubmitJobOperator):
         on_finish_action: str = OnFinishAction.DELETE_VM,
         max_vm_attempts: int = 3,
         liveness_check_seconds: float = 60.0,
-        startup_timeout_seconds: float = 900.0,
         heartbeat_timeout_seconds: float | None = 300.0,
         deferrable: bool = True,
         **kwargs: Any,
@@ -318,7 +324,6 @@ class BatchVmRunJobOperator(JobWaitMixin, BatchVmSubmitJobOperator):
         self.on_finish_action = on_finish_action
         self.max_vm_attempts = max_vm_attempts
         self.liveness_check_seconds = liveness_check_seconds
-        self.startup_timeout_seconds = startup_timeout_seconds
         self.heartbeat_timeout_seconds = heartbeat_timeout_seconds
         self.deferrable = deferrable
 

@@ -39,6 +39,7 @@ import shlex
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -193,14 +194,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-class _Stop(Exception):
-    """Raised by the signal handler to leave ``serve_forever``."""
-
-
-def _raise_stop(signum: int, _frame: object) -> None:
-    raise _Stop(signal.Signals(signum).name)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m batchvm_local.compute", description=__doc__.split("\n")[0]
@@ -233,20 +226,25 @@ def main(argv: list[str] | None = None) -> int:
         env=dict(os.environ),
     )
     server = ComputeServer((args.host, args.port), config, args.wait_seconds)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        # serve_forever must be left from another thread; raising here could be swallowed by
+        # socketserver's per-request error handling.
+        log.info("%s: stopping every VM", signal.Signals(signum).name)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, _raise_stop)
+        signal.signal(signum, on_signal)
     try:
         if args.port_file:
             tmp = args.port_file.with_suffix(".tmp")
             tmp.write_text(str(server.server_address[1]))
             tmp.replace(args.port_file)
         log.info("Compute Engine stand-in on %s (state in %s)", server.url, state_dir)
-        server.serve_forever()
-    except _Stop as stop:
-        log.info("%s: stopping every VM", stop)
+        server.serve_forever(poll_interval=0.2)
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the cleanup short
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)  # a second signal must not cut the cleanup short
         server.close()
     return 0
 

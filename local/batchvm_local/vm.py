@@ -228,7 +228,7 @@ class Vm:
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=self.vm_dir,
-                start_new_session=True,  # its own process group, as the brief of a VM asks
+                start_new_session=True,  # its own session and process group, apart from the stand-in
             )
 
     def _power_off(self) -> None:
@@ -279,11 +279,11 @@ class Vm:
             self.preempted = True
             self._stopping = True
             self._set_status("STOPPING")
-            proc = self.process
+            guest = self._guest
         self.console(f"preempted; shutting down in {grace_seconds:g} s")
-        if sigterm and proc is not None:
+        if sigterm and guest is not None and procs.is_alive(guest):
             try:
-                os.kill(proc.pid, signal.SIGTERM)  # vminit passes it on to every process of the VM
+                os.kill(guest.pid, signal.SIGTERM)  # vminit passes it on to every process of the VM
             except ProcessLookupError:
                 pass
 

@@ -8,7 +8,6 @@ relevant variables to the serial console.
 
 import os
 import signal
-import subprocess
 import sys
 import time
 import urllib.error
@@ -30,6 +29,23 @@ def attribute(key: str, default: str = "") -> str:
         raise
 
 
+def escape() -> int:
+    """Start ``sleep 300`` the way podman starts conmon: fork, setsid, fork again, let the middle exit.
+    The grandchild is in its own session and process group, re-parented away from the agent."""
+    read_end, write_end = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        os.setsid()
+        grandchild = os.fork()
+        if grandchild == 0:
+            os.execvp("sleep", ["sleep", "300"])
+        os.write(write_end, str(grandchild).encode())
+        os._exit(0)
+    os.waitpid(middle, 0)
+    os.close(write_end)
+    return int(os.read(read_end, 32))
+
+
 def main() -> int:
     for name in ("GCE_METADATA_HOST", "PUBSUB_EMULATOR_HOST", "CONTAINERS_CONF"):
         print(f"env {name}={os.environ.get(name, '')}", flush=True)
@@ -41,11 +57,7 @@ def main() -> int:
 
         signal.signal(signal.SIGTERM, on_term)
     if attribute("test-escape") == "true":
-        # setsid forks a session leader whose parent exits at once: the grandchild is re-parented
-        escaped = subprocess.run(
-            ["setsid", "-f", "sh", "-c", "echo escaped $$; exec sleep 300"], stdout=sys.stdout, check=True
-        )
-        del escaped
+        print(f"escaped {escape()}", flush=True)
     print("fake agent up", flush=True)
     time.sleep(float(attribute("test-sleep", "30")))
     print("fake agent done", flush=True)

@@ -8,6 +8,7 @@ import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from tests.local.conftest import (
     agent_command,
     pid_alive,
     start_standin,
+    stop_standin,
     unique,
     wait_dead,
 )
@@ -67,23 +69,23 @@ def start_vm(s: StandIn, template: str, **metadata: str) -> tuple[str, list[int]
 
 def test_sigterm_stops_the_standin_and_every_vm(tmp_path):
     process, url = start_standin(tmp_path)
-    s = StandIn(url, process, tmp_path)
-    s.global_ops.wait(
-        project=PROJECT,
-        operation=s.templates.insert_unary(
-            project=PROJECT,
-            instance_template_resource=compute_v1.InstanceTemplate(
-                name="t", properties=compute_v1.InstanceProperties(machine_type="e2-small")
-            ),
-        ).name,
-    )
-    pids = [process.pid]
-    for _ in range(3):
-        pids += start_vm(s, "t")[1]
-    assert all(pid_alive(p) for p in pids)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=20) == 0
-    assert_nothing_left(pids)
+    try:
+        s = StandIn(url, process, tmp_path)
+        template = compute_v1.InstanceTemplate(
+            name="t", properties=compute_v1.InstanceProperties(machine_type="e2-small")
+        )
+        op = s.templates.insert_unary(project=PROJECT, instance_template_resource=template)
+        s.global_ops.wait(project=PROJECT, operation=op.name)
+        pids = [process.pid]
+        for _ in range(3):
+            pids += start_vm(s, "t")[1]
+        assert all(pid_alive(p) for p in pids)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+        assert_nothing_left(pids)
+    finally:
+        if process.poll() is None:
+            stop_standin(process)
 
 
 @pytest.fixture
@@ -152,8 +154,10 @@ def parse_exports(text: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def cli_env(tmp_path, no_emulator_env) -> dict[str, str]:
-    return {**os.environ, "BATCHVM_LOCAL_DIR": str(tmp_path / "stack")}
+def cli_env(tmp_path, no_emulator_env) -> Iterator[dict[str, str]]:
+    env = {**os.environ, "BATCHVM_LOCAL_DIR": str(tmp_path / "stack")}
+    yield env
+    cli("down", env=env, check=False)  # whatever a failed test left running
 
 
 def test_cli_up_status_env_down(cli_env, tmp_path):
