@@ -139,7 +139,9 @@ def collect_garbage(
 
     subscriptions = [
         s
-        for s in hook.subscriber.list_subscriptions(request={"project": f"projects/{project_id}"}, retry=API_RETRY)
+        for s in hook.subscriber.list_subscriptions(
+            request={"project": f"projects/{project_id}"}, retry=API_RETRY
+        )
         if _short(s.name).startswith(SUBSCRIPTION_PREFIXES)
     ]
     report.subscriptions_seen = len(subscriptions)
@@ -166,7 +168,9 @@ def collect_garbage(
         item.reason = "its job has no VM" + (f" (created {_ago(now - created)} ago)" if created else "")
         if not dry_run:
             try:
-                hook.subscriber.delete_subscription(request={"subscription": subscription.name}, retry=API_RETRY)
+                hook.subscriber.delete_subscription(
+                    request={"subscription": subscription.name}, retry=API_RETRY
+                )
                 item.deleted = True
             except Exception as exc:
                 from google.api_core import exceptions as gexc

@@ -6,10 +6,10 @@ import asyncio
 import json
 import time
 import urllib.request
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
-from unittest import mock
 
 from airflow.sdk.exceptions import TaskDeferred
 from google.api_core.client_options import ClientOptions
@@ -80,6 +80,21 @@ class Cloud:
     def calls(self, method: str) -> int:
         return self._local("GET", "stats")["calls"].get(method, 0)
 
+    async def wait_for_output(self, name: str, text: str, timeout: float = 30, zone: str | None = None) -> None:
+        """Wait until the VM's serial console (the agent's and the container's output) shows ``text``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                output = await asyncio.to_thread(
+                    self.instances.get_serial_port_output, project=self.project, zone=zone or self.zone, instance=name
+                )
+                if text in output.contents:
+                    return
+            except NotFound:
+                pass
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"VM {name} did not print {text!r} within {timeout} s")
+
     async def wait_for_vm(self, name: str, status: str = "RUNNING", timeout: float = 30, zone: str | None = None):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -115,11 +130,17 @@ def task_context(task_id: str, try_number: int = 1, map_index: int = -1) -> dict
 
 
 async def run_deferred(operator, context) -> Any:
-    """Run a deferrable operator as Airflow does: execute, the trigger in an event loop, execute_complete."""
-    try:
-        result = await asyncio.to_thread(operator.execute, context)
-    except TaskDeferred as deferred:
-        event = await deferred.trigger.run().asend(None)
-        with mock.patch.object(type(operator), "defer", side_effect=AssertionError("deferred twice")):
-            return await asyncio.to_thread(getattr(operator, deferred.method_name), context, event.payload)
-    raise AssertionError(f"the operator did not defer; it returned {result!r}")
+    """Run a deferrable operator as Airflow does: execute; then, for as long as it defers, its
+    trigger in an event loop and the method it named, with the event and its kwargs."""
+    step = partial(operator.execute, context)
+    deferrals = 0
+    while True:
+        try:
+            result = await asyncio.to_thread(step)
+        except TaskDeferred as deferred:
+            deferrals += 1
+            event = await deferred.trigger.run().asend(None)
+            step = partial(getattr(operator, deferred.method_name), context, event.payload, **(deferred.kwargs or {}))
+            continue
+        assert deferrals, f"the operator did not defer; it returned {result!r}"
+        return result

@@ -15,10 +15,11 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import Progress
 
 if TYPE_CHECKING:
     from airflow_batchvm.hooks.batchvm import BatchVmHook
@@ -64,6 +65,36 @@ def out() -> Console:
 def err() -> Console:
     """Progress, notes and errors: stderr, so that stdout stays clean for scripts."""
     return Console(stderr=True, highlight=False)
+
+
+class _Quiet:
+    """A stand-in for a spinner where there is no terminal to draw it on (pipes, CI logs)."""
+
+    def __init__(self, console: Console):
+        self.console = console
+
+    def __enter__(self) -> _Quiet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, *args: object, **kwargs: object) -> None:
+        pass
+
+
+def spinner(text: str):
+    """``console.status`` on a terminal; nothing otherwise (no stray blank lines in logs).
+
+    Print through its ``.console`` while it spins, so that lines go above the spinner.
+    """
+    console = err()
+    return console.status(text) if console.is_terminal else _Quiet(console)
+
+
+def progress(*columns: Any) -> Progress:
+    console = err()
+    return Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

@@ -9,34 +9,39 @@ import json
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
+from rich.progress import BarColumn, SpinnerColumn, TextColumn
 from rich.table import Table
 
 from airflow_batchvm.cli.common import (
     DEFAULT_CONN_ID,
     ConnIdOpt,
     ProjectOpt,
-    err,
     format_seconds,
     open_cloud,
     out,
     parse_duration,
+    progress,
 )
 from airflow_batchvm.gc import DEFAULT_GRACE_SECONDS, GcItem, collect_garbage
 
 
 def gc(
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would be deleted; delete nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report what would be deleted; delete nothing.")
+    ] = False,
     older_than: Annotated[
         str | None,
-        typer.Option(help="Also delete managed VMs older than this (6h, 2d), whatever their state.", show_default=False),
+        typer.Option(
+            help="Also delete managed VMs older than this (6h, 2d), whatever their state.", show_default=False
+        ),
     ] = None,
     grace: Annotated[
         str,
         typer.Option(help="How long a VM must have been off, and an orphan subscription must exist, first."),
     ] = format_seconds(DEFAULT_GRACE_SECONDS),
     zone: Annotated[
-        list[str] | None, typer.Option("--zone", help="Only VMs in this zone (repeatable; default: all zones).")
+        list[str] | None,
+        typer.Option("--zone", help="Only VMs in this zone (repeatable; default: all zones)."),
     ] = None,
     output_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     project: ProjectOpt = None,
@@ -48,11 +53,11 @@ def gc(
     cloud = open_cloud(project, gcp_conn_id)
     cloud.announce()
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}"))
-    with Progress(*columns, console=err(), transient=True) as progress:
-        task = progress.add_task("looking for garbage" if dry_run else "collecting garbage", total=None)
+    with progress(*columns) as bar:
+        task = bar.add_task("looking for garbage" if dry_run else "collecting garbage", total=None)
 
         def advance(item: GcItem) -> None:
-            progress.update(task, advance=1, description=f"{item.kind} {item.name}")
+            bar.update(task, advance=1, description=f"{item.kind} {item.name}")
 
         report = collect_garbage(
             cloud.hook,
@@ -64,7 +69,7 @@ def gc(
             on_item=advance,
         )
     if output_json:
-        out().print_json(json.dumps(report.to_dict()))
+        typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         _print(report)
     if report.failed:

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from airflow_batchvm.cli.common import err, fail
+from airflow_batchvm.cli.common import fail, spinner
 
 local_app = typer.Typer(
     help="The local stack: Google's Pub/Sub emulator and the Compute Engine stand-in (development only).",
@@ -30,7 +30,7 @@ def _run(argv: list[str], what: str) -> None:
             code=2,
         ) from None
     if what:
-        with err().status(what):
+        with spinner(what):
             code = main(argv)
     else:
         code = main(argv)
@@ -46,7 +46,9 @@ def up(
 ) -> None:
     """Start the stack in the background; prints the export lines (eval "$(batchvm local up)")."""
     argv = ["up", "--project", project, "--zone", zone, "--pubsub-port", str(pubsub_port)]
-    _run([*argv, "--compute-port", str(compute_port)], "starting the Pub/Sub emulator and the Compute stand-in")
+    _run(
+        [*argv, "--compute-port", str(compute_port)], "starting the Pub/Sub emulator and the Compute stand-in"
+    )
 
 
 @local_app.command()

@@ -28,6 +28,7 @@ from airflow_batchvm.cli.common import (
     open_cloud,
     out,
     parse_duration,
+    spinner,
 )
 from airflow_batchvm.wire import Status, StatusMessage, WireError
 
@@ -67,10 +68,14 @@ class Sink:
     def status(self, status: StatusMessage, raw: dict[str, Any], when: datetime, message_id: str) -> None:
         stamp = when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         style = STATUS_STYLE.get(status.status, "")
-        self.console.print(f"{stamp} [{style}]{status.status.value:<9}[/] {escape(describe(status))}")
+        self.console.print(
+            f"{stamp} [{style}]{status.status.value:<9}[/] {escape(describe(status))}", soft_wrap=True
+        )
         tail = (status.log_tail or "").rstrip("\n")
         if tail and self.show_log_tail:
-            self.console.print("\n".join(f"    | {line}" for line in tail.splitlines()), style="dim", markup=False)
+            self.console.print(
+                "\n".join(f"    | {line}" for line in tail.splitlines()), style="dim", markup=False
+            )
         if self.jsonl:
             self.file.write(json.dumps({"received": stamp, "message_id": message_id, **raw}) + "\n")
         else:
@@ -82,7 +87,9 @@ class Sink:
         self.console.print(f"[yellow]dropped[/] message {message_id}: {escape(reason)}")
         stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         if self.jsonl:
-            self.file.write(json.dumps({"received": stamp, "message_id": message_id, "dropped": reason}) + "\n")
+            self.file.write(
+                json.dumps({"received": stamp, "message_id": message_id, "dropped": reason}) + "\n"
+            )
         else:
             self.file.write(f"{stamp} DROPPED   message={message_id} reason={json.dumps(reason)}\n")
         self.file.flush()
@@ -90,7 +97,8 @@ class Sink:
 
 def monitor(
     job_id: Annotated[
-        str | None, typer.Option(help="Show only this job's statuses (others are acked unseen).", show_default=False)
+        str | None,
+        typer.Option(help="Show only this job's statuses (others are acked unseen).", show_default=False),
     ] = None,
     log_file: Annotated[Path, typer.Option(help="Append every status to this file.")] = DEFAULT_LOG_FILE,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Write the log file as JSON lines.")] = False,
@@ -118,7 +126,7 @@ def monitor(
     shown = 0
     backoff = 1.0
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("a") as file, err().status(f"listening on {path} (Ctrl-C stops)") as spinner:
+    with log_file.open("a") as file, spinner(f"listening on {path} (Ctrl-C stops)") as status_line:
         sink = Sink(file, jsonl, show_log_tail)
         try:
             while max_messages is None or shown < max_messages:
@@ -134,9 +142,13 @@ def monitor(
                 except gexc.DeadlineExceeded:
                     continue
                 except gexc.NotFound:
-                    raise fail(f"subscription {path} does not exist: create it with `batchvm setup`") from None
+                    raise fail(
+                        f"subscription {path} does not exist: create it with `batchvm setup`"
+                    ) from None
                 except (gexc.ServiceUnavailable, gexc.InternalServerError, gexc.Unknown) as exc:
-                    err().print(f"[yellow]Pub/Sub unavailable[/] ({exc.message}); retrying in {backoff:.0f} s")
+                    err().print(
+                        f"[yellow]Pub/Sub unavailable[/] ({exc.message}); retrying in {backoff:.0f} s"
+                    )
                     time.sleep(backoff)
                     backoff = min(backoff * 2, 30.0)
                     continue
@@ -148,7 +160,7 @@ def monitor(
                         continue
                     done.append(received.ack_id)
                     shown += _handle(sink, received, job_id)
-                spinner.update(f"listening on {path}: {shown} shown (Ctrl-C stops)")
+                status_line.update(f"listening on {path}: {shown} shown (Ctrl-C stops)")
                 if done:
                     subscriber.acknowledge(request={"subscription": path, "ack_ids": done})
                 if left:  # not shown: back to the subscription at once, for the next reader

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import Progress, SpinnerColumn, TextColumn
+from rich.progress import SpinnerColumn, TextColumn
 from rich.table import Table
 
 from airflow_batchvm.cli.common import (
@@ -31,11 +31,14 @@ from airflow_batchvm.cli.common import (
     out,
     parse_duration,
     parse_pairs,
+    progress,
 )
 from airflow_batchvm.wire import JOB_TOPIC, STATUS_TOPIC
 
 SCOPE_PREFIX = "https://www.googleapis.com/auth/"
-DEFAULT_VM_IMAGE = "projects/debian-cloud/global/images/family/debian-12"
+# The image family worker_image/image/ builds, in the project itself.
+WORKER_IMAGE_FAMILY = "batchvm-worker"
+STOCK_IMAGE_PROJECTS = ("debian-cloud", "ubuntu-os-cloud")
 MONITOR_ACK_DEADLINE_SECONDS = 60
 
 # VM metadata keys the agent reads that the template sets (docs/ARCHITECTURE.md).
@@ -86,7 +89,7 @@ def template_body(
     name: str,
     *,
     machine_type: str = "e2-standard-2",
-    vm_image: str = DEFAULT_VM_IMAGE,
+    vm_image: str = f"global/images/family/{WORKER_IMAGE_FAMILY}",
     boot_disk_gb: int = 50,
     service_account: str = "default",
     scopes: list[str] | None = None,
@@ -100,6 +103,7 @@ def template_body(
     subnetwork: str = "",
     external_ip: bool = True,
     startup_script: str = "",
+    serial_port_logging: bool = True,
     metadata: dict[str, str] | None = None,
     labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -113,6 +117,10 @@ def template_body(
         items[ATTR_HEARTBEAT_SECONDS] = f"{heartbeat_seconds:g}"
     if startup_script:
         items["startup-script"] = startup_script
+    if serial_port_logging:
+        # The serial console (the agent's and the container's output) kept in Cloud Logging, where
+        # the operators' "Batch VM logs" link looks, also after the VM is deleted.
+        items["serial-port-logging-enable"] = "TRUE"
     items.update(metadata or {})
 
     scheduling: dict[str, Any] = {}
@@ -141,7 +149,10 @@ def template_body(
         ],
         "networkInterfaces": [interface],
         "serviceAccounts": [
-            {"email": service_account or "default", "scopes": [full_scope(s) for s in scopes or ["cloud-platform"]]}
+            {
+                "email": service_account or "default",
+                "scopes": [full_scope(s) for s in scopes or ["cloud-platform"]],
+            }
         ],
         "metadata": {"items": [{"key": k, "value": v} for k, v in items.items()]},
         "scheduling": scheduling,
@@ -250,7 +261,9 @@ class Applier:
             operation = operations.wait(project=self.cloud.project, operation=operation.name, retry=API_RETRY)
         if operation.error and operation.error.errors:
             first = operation.error.errors[0]
-            raise RuntimeError(f"Compute Engine could not create template {body['name']}: {first.code}: {first.message}")
+            raise RuntimeError(
+                f"Compute Engine could not create template {body['name']}: {first.code}: {first.message}"
+            )
 
 
 def template_differences(wanted: dict[str, Any], existing: dict[str, Any]) -> list[str]:
@@ -268,14 +281,18 @@ def template_differences(wanted: dict[str, Any], existing: dict[str, Any]) -> li
         return {
             "maxRunDuration": str((s.get("maxRunDuration") or {}).get("seconds", "")),
             "instanceTerminationAction": s.get("instanceTerminationAction", ""),
-            "provisioningModel": s.get("provisioningModel", "") if s.get("provisioningModel") == "SPOT" else "",
+            "provisioningModel": s.get("provisioningModel", "")
+            if s.get("provisioningModel") == "SPOT"
+            else "",
         }
 
     def boot(props: dict) -> tuple[str, str]:
         for disk in props.get("disks") or []:
             if disk.get("boot"):
                 params = disk.get("initializeParams") or {}
-                return params.get("sourceImage", "").split("/global/")[-1], str(params.get("diskSizeGb", ""))
+                image = params.get("sourceImage", "")
+                image = image[image.find("projects/") :] if "projects/" in image else image
+                return image, str(params.get("diskSizeGb", ""))
         return "", ""
 
     found = []
@@ -303,15 +320,21 @@ def setup(
     gcp_conn_id: ConnIdOpt = DEFAULT_CONN_ID,
     monitor_subscription: MonitorSubOpt = DEFAULT_MONITOR_SUBSCRIPTION,
     template: Annotated[
-        str, typer.Option("--template", envvar="BATCHVM_INSTANCE_TEMPLATE", help="Instance template to create.")
+        str,
+        typer.Option("--template", envvar="BATCHVM_INSTANCE_TEMPLATE", help="Instance template to create."),
     ] = DEFAULT_TEMPLATE,
     skip_template: Annotated[
         bool, typer.Option("--skip-template", help="Create only the topics and the monitoring subscription.")
     ] = False,
     machine_type: Annotated[str, typer.Option(help="Machine type of the worker VMs.")] = "e2-standard-2",
     vm_image: Annotated[
-        str, typer.Option(help="Boot image: the worker image built by worker_image/image/, or a stock one.")
-    ] = DEFAULT_VM_IMAGE,
+        str | None,
+        typer.Option(
+            help="Boot image. Default: the project's batchvm-worker family (built by worker_image/image/). "
+            "A stock image needs --startup-script worker_image/startup.sh.",
+            show_default=False,
+        ),
+    ] = None,
     boot_disk_gb: Annotated[int, typer.Option(help="Boot disk size (GB); room for the job's images.")] = 50,
     service_account: Annotated[
         str, typer.Option(help="Service account email of the worker VMs ('default': the Compute default).")
@@ -322,34 +345,66 @@ def setup(
     registry: Annotated[
         str, typer.Option(help="batchvm-image-registry: where process_type jobs' images live.")
     ] = "",
-    container_cli: Annotated[str, typer.Option(help="batchvm-container-cli: a docker-compatible CLI.")] = "docker",
-    container_run_args: Annotated[str, typer.Option(help="batchvm-container-run-args: extra `run` flags.")] = "",
+    container_cli: Annotated[
+        str, typer.Option(help="batchvm-container-cli: a docker-compatible CLI.")
+    ] = "docker",
+    container_run_args: Annotated[
+        str, typer.Option(help="batchvm-container-run-args: extra `run` flags.")
+    ] = "",
     heartbeat_seconds: Annotated[
         float | None, typer.Option(help="batchvm-heartbeat-seconds (agent default 30).", show_default=False)
     ] = None,
     max_run_duration: Annotated[
         str, typer.Option(help="Compute Engine deletes a VM after this long (safety net); 0 disables.")
     ] = "24h",
-    spot: Annotated[bool, typer.Option("--spot/--no-spot", help="Spot VMs (deleted when preempted).")] = False,
+    spot: Annotated[
+        bool, typer.Option("--spot/--no-spot", help="Spot VMs (deleted when preempted).")
+    ] = False,
     network: Annotated[str, typer.Option(help="VPC network.")] = "global/networks/default",
     subnetwork: Annotated[str, typer.Option(help="Subnetwork (regions/R/subnetworks/S).")] = "",
     external_ip: Annotated[
         bool,
-        typer.Option("--external-ip/--no-external-ip", help="Without one, the subnet needs Private Google Access."),
+        typer.Option(
+            "--external-ip/--no-external-ip", help="Without one, the subnet needs Private Google Access."
+        ),
     ] = True,
     startup_script: Annotated[
         Path | None,
-        typer.Option(help="File for the startup-script key (a stock image: worker_image/startup.sh).", exists=True,
-                     dir_okay=False),
+        typer.Option(
+            help="File for the startup-script key (a stock image: worker_image/startup.sh).",
+            exists=True,
+            dir_okay=False,
+        ),
     ] = None,
-    metadata: Annotated[list[str] | None, typer.Option("--metadata", help="Extra KEY=VALUE (repeatable).")] = None,
-    label: Annotated[list[str] | None, typer.Option("--label", help="Template label KEY=VALUE (repeatable).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Look, print what would be created, create nothing.")] = False,
+    serial_port_logging: Annotated[
+        bool,
+        typer.Option(
+            "--serial-port-logging/--no-serial-port-logging",
+            help="Keep the VMs' serial console (job output) in Cloud Logging.",
+        ),
+    ] = True,
+    metadata: Annotated[
+        list[str] | None, typer.Option("--metadata", help="Extra KEY=VALUE (repeatable).")
+    ] = None,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", help="Template label KEY=VALUE (repeatable).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Look, print what would be created, create nothing.")
+    ] = False,
     output: Annotated[Output, typer.Option(help="text, or json (the plan with each body).")] = Output.TEXT,
 ) -> None:
     """Create the topics, the monitoring subscription and the worker instance template (idempotent)."""
+    cloud = open_cloud(project, gcp_conn_id)
+    cloud.announce()
     body = None
     if not skip_template:
+        vm_image = vm_image or f"projects/{cloud.project}/global/images/family/{WORKER_IMAGE_FAMILY}"
+        if any(f"projects/{p}/" in vm_image for p in STOCK_IMAGE_PROJECTS) and not startup_script:
+            err().print(
+                f"[yellow]warning:[/] {vm_image} is a stock image without the agent: VMs from it run no job "
+                "unless you also pass --startup-script worker_image/startup.sh"
+            )
         max_run_seconds = int(parse_duration(max_run_duration))
         body = template_body(
             template,
@@ -368,40 +423,39 @@ def setup(
             subnetwork=subnetwork,
             external_ip=external_ip,
             startup_script=startup_script.read_text() if startup_script else "",
+            serial_port_logging=serial_port_logging,
             metadata=parse_pairs(metadata, "--metadata"),
             labels=parse_pairs(label, "--label"),
         )
-    cloud = open_cloud(project, gcp_conn_id)
-    cloud.announce()
     resources = plan(cloud.project, monitor_subscription, body)
     applier = Applier(cloud)
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=err(), transient=True) as progress:
+    with progress(SpinnerColumn(), TextColumn("{task.description}")) as bar:
         for resource in resources:
-            task = progress.add_task(f"checking {resource.kind} {resource.name}")
+            task = bar.add_task(f"checking {resource.kind} {resource.name}")
             applier.inspect(resource)
             if resource.state is State.CREATE and not dry_run:
-                progress.update(task, description=f"creating {resource.kind} {resource.name}")
+                bar.update(task, description=f"creating {resource.kind} {resource.name}")
                 try:
                     applier.create(resource)
                 except Exception as exc:
-                    progress.stop()
+                    bar.stop()
                     _report(resources, dry_run, output)
                     raise fail(f"creating {resource.kind} {resource.name} failed: {exc}") from None
-            progress.remove_task(task)
+            bar.remove_task(task)
 
     _report(resources, dry_run, output)
     if differing := [r for r in resources if r.state is State.DIFFERS]:
-        names = ", ".join(r.name.rsplit("/", 1)[-1] for r in differing)
+        names = ", ".join(f"{r.kind} {r.name.rsplit('/', 1)[-1]}" for r in differing)
         raise fail(
-            f"{names} already exist(s) but differ from what was asked (see above). Instance templates cannot "
-            "be changed: pass a new --template name (and point your DAGs at it), or delete the old one first."
+            f"{names}: exists but differs from what was asked (see above). Instance templates cannot be "
+            "changed: pass a new --template name (and point your DAGs at it), or delete the old one first."
         )
 
 
 def _report(resources: list[Resource], dry_run: bool, output: Output) -> None:
     if output is Output.JSON:
-        out().print_json(json.dumps({"dry_run": dry_run, "resources": [r.as_dict() for r in resources]}))
+        typer.echo(json.dumps({"dry_run": dry_run, "resources": [r.as_dict() for r in resources]}, indent=2))
         return
     console = out()
     table = Table(title="batchvm setup (dry run: nothing created)" if dry_run else "batchvm setup")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
@@ -36,6 +37,8 @@ from airflow_batchvm.cli.common import (
     out,
     parse_duration,
     parse_pairs,
+    progress,
+    spinner,
 )
 from airflow_batchvm.wire import JOB_ID_MAX_LEN, JOB_ID_PATTERN, JobSpec, LegacyJob
 
@@ -75,7 +78,9 @@ def template_registry(cloud: Cloud, template: str) -> str:
     try:
         found = client.get(project=cloud.project, instance_template=template.rsplit("/", 1)[-1])
     except gexc.NotFound:
-        raise ValueError(f"instance template {template} does not exist in {cloud.project}: see batchvm setup") from None
+        raise ValueError(
+            f"instance template {template} does not exist in {cloud.project}: see batchvm setup"
+        ) from None
     for item in found.properties.metadata.items:
         if item.key == ATTR_IMAGE_REGISTRY:
             return item.value
@@ -88,25 +93,37 @@ def submit(
         typer.Option(help="The earlier publish script's job: an image name in the template's registry."),
     ] = None,
     sleep_time: Annotated[
-        int | None, typer.Option(help="The earlier script's sleep time: SLEEP_TIME for the job.", show_default=False)
+        int | None,
+        typer.Option(help="The earlier script's sleep time: SLEEP_TIME for the job.", show_default=False),
     ] = None,
-    image: Annotated[str | None, typer.Option(help="Container image to run (instead of --process-type).")] = None,
+    image: Annotated[
+        str | None, typer.Option(help="Container image to run (instead of --process-type).")
+    ] = None,
     command: Annotated[
         str | None, typer.Option(help="Replaces the image's entrypoint (split like a shell would).")
     ] = None,
-    arg: Annotated[list[str] | None, typer.Option("--arg", help="Argument to the command (repeatable).")] = None,
-    env: Annotated[list[str] | None, typer.Option("--env", help="Container env NAME=VALUE (repeatable).")] = None,
+    arg: Annotated[
+        list[str] | None, typer.Option("--arg", help="Argument to the command (repeatable).")
+    ] = None,
+    env: Annotated[
+        list[str] | None, typer.Option("--env", help="Container env NAME=VALUE (repeatable).")
+    ] = None,
     payload: Annotated[
         str | None, typer.Option(help="JSON for the job (JOB_DATA), or @FILE to read it from a file.")
     ] = None,
     timeout_seconds: Annotated[
         int | None, typer.Option(help="The agent kills the container after this long.", show_default=False)
     ] = None,
-    job_id: Annotated[str | None, typer.Option(help="Default: cli-<image>-<random>.", show_default=False)] = None,
-    attempt: Annotated[int, typer.Option(min=1, help="The job attempt (a replacement run of the same job id).")] = 1,
+    job_id: Annotated[
+        str | None, typer.Option(help="Default: cli-<image>-<random>.", show_default=False)
+    ] = None,
+    attempt: Annotated[
+        int, typer.Option(min=1, help="The job attempt (a replacement run of the same job id).")
+    ] = 1,
     label: Annotated[list[str] | None, typer.Option("--label", help="Label KEY=VALUE (repeatable).")] = None,
     registry: Annotated[
-        str | None, typer.Option(help="Registry for --process-type (default: the template's).", show_default=False)
+        str | None,
+        typer.Option(help="Registry for --process-type (default: the template's).", show_default=False),
     ] = None,
     legacy_format: Annotated[
         bool,
@@ -121,11 +138,16 @@ def submit(
         str | None, typer.Option(help="Overrides the template's machine type.", show_default=False)
     ] = None,
     max_run_duration: Annotated[
-        str | None, typer.Option(help="Overrides the template's safety-net max run duration.", show_default=False)
+        str | None,
+        typer.Option(help="Overrides the template's safety-net max run duration.", show_default=False),
     ] = None,
-    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the result, then clean up.")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="Wait for the result, then clean up.")
+    ] = False,
     keep_vm: Annotated[bool, typer.Option("--keep-vm", help="With --wait: do not delete the VM.")] = False,
-    liveness_check_seconds: Annotated[float, typer.Option(help="With --wait: how often to look at the VM.")] = 10.0,
+    liveness_check_seconds: Annotated[
+        float, typer.Option(help="With --wait: how often to look at the VM.")
+    ] = 10.0,
     project: ProjectOpt = None,
     gcp_conn_id: ConnIdOpt = DEFAULT_CONN_ID,
 ) -> None:
@@ -141,7 +163,9 @@ def submit(
     cloud.announce()
     job_id = job_id or new_job_id(process_type or image_stem(image or ""))
     if not re.match(JOB_ID_PATTERN, job_id) or len(job_id) > JOB_ID_MAX_LEN:
-        raise fail(f"job id {job_id!r} must match {JOB_ID_PATTERN} and have at most {JOB_ID_MAX_LEN} characters")
+        raise fail(
+            f"job id {job_id!r} must match {JOB_ID_PATTERN} and have at most {JOB_ID_MAX_LEN} characters"
+        )
 
     from pydantic import ValidationError
 
@@ -151,8 +175,11 @@ def submit(
             message = (legacy.model_dump_json().encode(), {"job_id": job_id, "attempt": str(attempt)})
             spec = None
         else:
-            spec = _build_spec(cloud, template, job_id, attempt, process_type, sleep_time, image, command, arg,
-                               env, payload, timeout_seconds, label, registry)
+            spec = _build_spec(
+                cloud, template, job_id, attempt,
+                process_type=process_type, sleep_time=sleep_time, image=image, command=command, args=arg,
+                env=env, payload=payload, timeout_seconds=timeout_seconds, labels=label, registry=registry,
+            )  # fmt: skip
             message = None
     except (ValidationError, ValueError) as exc:
         raise fail(f"invalid job: {_describe(exc)}") from None
@@ -172,8 +199,23 @@ def submit(
         raise typer.Exit(1)
 
 
-def _build_spec(cloud, template, job_id, attempt, process_type, sleep_time, image, command, arg, env, payload,
-                timeout_seconds, label, registry) -> JobSpec:
+def _build_spec(
+    cloud: Cloud,
+    template: str,
+    job_id: str,
+    attempt: int,
+    *,
+    process_type: str | None,
+    sleep_time: int | None,
+    image: str | None,
+    command: str | None,
+    args: list[str] | None,
+    env: list[str] | None,
+    payload: str | None,
+    timeout_seconds: int | None,
+    labels: list[str] | None,
+    registry: str | None,
+) -> JobSpec:
     fields: dict[str, Any] = {"job_id": job_id, "attempt": attempt}
     if process_type:
         registry = registry or template_registry(cloud, template)
@@ -200,14 +242,14 @@ def _build_spec(cloud, template, job_id, attempt, process_type, sleep_time, imag
             raise ValueError(f"--payload is not JSON: {exc}") from None
     if command:
         fields["command"] = shlex.split(command)
-    fields["args"] = list(arg or [])
+    fields["args"] = list(args or [])
     fields["timeout_seconds"] = timeout_seconds
-    fields["labels"] = parse_pairs(label, "--label")
+    fields["labels"] = parse_pairs(labels, "--label")
     return JobSpec.model_validate(fields)
 
 
 def _submit(cloud: Cloud, job_id, attempt, spec, message, zone, template, machine_type, max_run_duration):
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from airflow_batchvm.hooks.batchvm import JobNames, VmInsertError, short_name
     from airflow_batchvm.operators.batchvm import MANAGED_BY
@@ -217,18 +259,18 @@ def _submit(cloud: Cloud, job_id, attempt, spec, message, zone, template, machin
     if hook.get_vm(project_id=cloud.project, zone=zone, vm_name=names.vm_name) is not None:
         raise fail(f"VM {names.vm_name} already exists in {zone}: pick another --job-id, or delete it first")
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=err(), transient=True) as progress:
-        step = progress.add_task("creating the job's subscriptions")
+    with progress(*columns) as bar:
+        step = bar.add_task("creating the job's subscriptions")
         hook.create_job_subscriptions(names)
         try:
-            progress.update(step, description="publishing the job")
+            bar.update(step, description="publishing the job")
             if spec is not None:
                 message_id = hook.publish_job(names, spec)
             else:
                 data, attributes = message
                 message_id = hook.publisher.publish(names.job_topic, data, **attributes).result(timeout=120)
             err().print(f"[dim]published job {job_id} as message {message_id}[/]")
-            progress.update(step, description=f"creating VM {names.vm_name} from {template}")
+            bar.update(step, description=f"creating VM {names.vm_name} from {template}")
             extra: dict[str, Any] = {}
             if max_run_duration:
                 extra["max_run_seconds"] = int(parse_duration(max_run_duration))
@@ -282,14 +324,42 @@ def _wait(cloud: Cloud, names, zone: str, attempt: int, gcp_conn_id: str, livene
             return event.payload
         raise RuntimeError("the job watcher ended without an event")
 
-    with err().status(f"waiting for job {names.job_id} on {names.vm_name} (Ctrl-C stops waiting; the job goes on)"):
+    with spinner(
+        f"waiting for job {names.job_id} on {names.vm_name} (Ctrl-C stops waiting; the job goes on)"
+    ) as live:
+        watcher._log = ConsoleLog(live.console)  # the watcher's timeline lines, above the spinner
         try:
             return asyncio.run(first_event())
         except KeyboardInterrupt:
             raise fail(
                 f"stopped waiting; job {names.job_id} goes on. Follow it with: batchvm monitor --job-id "
-                f"{names.job_id}; `batchvm gc` cleans up after it", code=130
+                f"{names.job_id}; `batchvm gc` cleans up after it",
+                code=130,
             ) from None
+
+
+class ConsoleLog:
+    """Enough of a logger for the watcher: its timeline and warnings go to the terminal (stderr)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def _emit(self, style: str, msg: str, args: tuple) -> None:
+        self.console.print(msg % args if args else msg, style=style, markup=False, highlight=False)
+
+    def debug(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def info(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        self._emit("", msg, args)
+
+    def warning(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        self._emit("yellow", msg, args)
+
+    def error(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        self._emit("red", msg, args)
+
+    exception = error
 
 
 def _show(event: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+import requests
 from airflow.providers.google.common.hooks.base_google import GoogleBaseAsyncHook, GoogleBaseHook
 from google.api_core import exceptions as gexc
 from google.api_core.client_options import ClientOptions
@@ -288,10 +289,13 @@ class BatchVmHook(GoogleBaseHook):
         while operation.status != compute_v1.Operation.Status.DONE:
             if time.monotonic() > deadline:
                 raise VmInsertError(f"Compute Engine did not {what} within {timeout:.0f} s", "TIMEOUT")
-            operation = self.zone_operations.wait(
-                project=project_id, zone=zone, operation=operation.name, retry=API_RETRY,
-                timeout=min(60.0, max(1.0, deadline - time.monotonic())),
-            )
+            try:
+                operation = self.zone_operations.wait(
+                    project=project_id, zone=zone, operation=operation.name, retry=API_RETRY,
+                    timeout=min(60.0, max(1.0, deadline - time.monotonic())),
+                )
+            except (gexc.DeadlineExceeded, requests.exceptions.Timeout):
+                continue  # wait() returns after at most its timeout anyway; the deadline decides
         if operation.error and operation.error.errors:
             first = operation.error.errors[0]
             raise VmInsertError(f"Compute Engine could not {what}: {first.code}: {first.message}", first.code)
