@@ -34,6 +34,10 @@ class Cloud:
             credentials=AnonymousCredentials(),
             client_options=ClientOptions(api_endpoint=env["BATCHVM_COMPUTE_API_ENDPOINT"]),
         )
+        self.templates = compute_v1.InstanceTemplatesClient(
+            credentials=AnonymousCredentials(),
+            client_options=ClientOptions(api_endpoint=env["BATCHVM_COMPUTE_API_ENDPOINT"]),
+        )
         self.subscriber = pubsub_v1.SubscriberClient()
         self.publisher = pubsub_v1.PublisherClient()
 

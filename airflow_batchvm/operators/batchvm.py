@@ -33,6 +33,11 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
 MANAGED_BY = {"managed-by": "airflow-batchvm"}
+# VM metadata a DAG may not set: the job binding, and the template's image allowlist (so that a
+# job cannot widen what its own VM may run).
+RESERVED_METADATA = frozenset(
+    {"batchvm-job-id", "batchvm-attempt", "batchvm-job-subscription", "batchvm-status-topic", "batchvm-image-allowlist"}
+)
 # A VM's max run duration is the job's timeout plus this: time to boot, pull the image and report.
 MAX_RUN_MARGIN_SECONDS = 1800
 
@@ -182,6 +187,11 @@ class BatchVmSubmitJobOperator(BaseOperator):
         if not re.match(VM_NAME_PATTERN, longest_vm_name):
             raise JobSpecError(
                 f"Invalid batch job spec: job_id: gives VM names like {longest_vm_name!r}, which Compute Engine refuses"
+            )
+        reserved = sorted(set(self.vm_metadata or ()) & RESERVED_METADATA)
+        if reserved:
+            raise JobSpecError(
+                f"Invalid batch job spec: vm_metadata: {', '.join(reserved)} are set by the operator or the template"
             )
         for name, value in (("instance_template", self.instance_template), ("zone", self.zone)):
             if not value or not isinstance(value, str):

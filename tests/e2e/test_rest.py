@@ -243,7 +243,7 @@ def test_task_log_page_shows_the_timeline_and_the_log_tail(airflow, runs, tmp_pa
     assert runs.states[SINGLE] == "success"
     run_id = runs.run_ids[SINGLE]
     url = f"{airflow.url}/dags/{SINGLE}/runs/{urllib.parse.quote(run_id, safe='')}/tasks/run_job"
-    with Chromium(width=1440, height=900) as browser:
+    with Chromium(width=1440, height=760) as browser:
         # What the UI's own login page does: it keeps the token from POST /auth/token in the
         # `_token` cookie, which the API reads on every call the UI makes.
         browser.set_cookie("_token", runs.api.token, airflow.url)
@@ -257,18 +257,22 @@ def test_task_log_page_shows_the_timeline_and_the_log_tail(airflow, runs, tmp_pa
     (tmp_path / "task-log.png").write_bytes(png)
     if os.environ.get("BATCHVM_UPDATE_SCREENSHOT") == "1":
         SCREENSHOT.write_bytes(png)
-    assert _png_size(png) == (1440, 900)
+    assert _png_size(png) == (1440, 760)
     assert len(png) > 30_000, "the screenshot is nearly blank"
-    lines = text.splitlines()
-    # The page is the task's log, with the job's timeline lines in order, then its log tail.
+    lines = [line.strip() for line in text.splitlines()]
+    # The page is the task's log: the job's timeline lines in order, then its log tail under its heading.
     assert "run_job" in text and "Success" in text
-    order = [
-        next(i for i, line in enumerate(lines) if needle in line)
-        for needle in ("| submitted", "| VM created", "| STARTED", "| FINISHED", "container log tail",
-                       "Starting Job", "Job finished.")
-    ]  # fmt: skip
-    assert order == sorted(order), text
-    assert '"sleep_time":"3"' in text
+    timeline = [
+        next(i for i, line in enumerate(lines) if "batchvm |" in line and f"| {step}" in line)
+        for step in ("submitted", "VM created", "STARTED", "FINISHED")
+    ]
+    assert timeline == sorted(timeline), text
+    heading = next(i for i, line in enumerate(lines) if "----- container log tail (job" in line)
+    assert heading > timeline[-1], text
+    tail = lines[heading + 1 : heading + 4]
+    assert tail[0].startswith("Starting Job: {") and tail[1] == "Job finished.", text
+    assert tail[2] == "----- end of container log tail -----", text
+    assert '"sleep_time":"3"' in tail[0]
 
 
 def test_stopping_leaves_nothing_running(airflow):

@@ -14,6 +14,7 @@ import time
 import pytest
 from airflow.sdk.exceptions import AirflowException, TaskDeferred
 from google.api_core import exceptions as gexc
+from google.cloud import compute_v1
 
 from airflow_batchvm.operators.batchvm import BatchVmRunJobOperator
 from airflow_batchvm.sensors.batchvm import BatchVmJobFailed
@@ -244,3 +245,20 @@ async def test_f16_job_data_with_shell_metacharacters_arrives_byte_for_byte(clou
     log = capfd.readouterr().out
     assert "JOB_DATA=" + json.dumps({"text": nasty}, separators=(",", ":")) in log
     assert "NASTY=" + nasty.split("\n")[0] in log and nasty.split("\n")[1] in log
+
+
+async def test_the_templates_image_allowlist_is_enforced_by_the_agent(cloud):
+    template = "batchvm-local-allowlisted"
+    body = cloud.templates.get(project=cloud.project, instance_template=cloud.template)
+    body.name = template
+    body.properties.metadata.items.append(
+        compute_v1.Items(key="batchvm-image-allowlist", value="europe-docker.pkg.dev/trusted/ localhost/approved-")
+    )
+    try:
+        cloud.templates.insert(project=cloud.project, instance_template_resource=body)
+    except gexc.Conflict:
+        pass
+    op = run_op(cloud, "allowlist", instance_template=template)
+    with pytest.raises(BatchVmJobFailed, match="is not allowed on this VM") as failure:
+        await run_deferred(op, task_context("allowlist"))
+    assert "localhost/sleep_test:latest" in str(failure.value)

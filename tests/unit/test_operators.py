@@ -43,6 +43,8 @@ def operator(**overrides):
         ({"timeout_seconds": 0}, "timeout_seconds"),
         ({"zone": ""}, "zone"),
         ({"instance_template": ""}, "instance_template"),
+        ({"vm_metadata": {"batchvm-image-allowlist": "anything"}}, "batchvm-image-allowlist"),
+        ({"vm_metadata": {"batchvm-job-id": "someone-else"}}, "batchvm-job-id"),
     ],
 )
 def test_bad_specs_are_refused_naming_the_field_before_anything_is_created(overrides, field):

@@ -189,6 +189,13 @@ class Agent:
     def _run_job(self, taken: Taken, lease: Lease) -> int:
         spec = taken.spec
         log.info("took job message %s: image %s", taken.message_id, spec.image)
+        if not self.binding.image_allowed(spec.image):
+            allowed = " ".join(self.binding.image_allowlist)
+            log.error("refusing image %s: not under this VM's allowlist (%s)", spec.image, allowed)
+            return self._finish(
+                taken, lease, wire.Status.FAILED,
+                reason=f"image {spec.image} is not allowed on this VM (allowed prefixes: {allowed})",
+            )
         try:
             self.status.publish(wire.Status.STARTED, deadline=60)
         except PublishFailed as exc:  # the terminal status retries longer; the work matters more

@@ -31,6 +31,9 @@ ATTR_IMAGE_REGISTRY = "batchvm-image-registry"
 ATTR_CONTAINER_CLI = "batchvm-container-cli"
 ATTR_CONTAINER_RUN_ARGS = "batchvm-container-run-args"
 ATTR_HEARTBEAT_SECONDS = "batchvm-heartbeat-seconds"
+# Image prefixes this VM may run, set in the instance template by whoever owns the project: so
+# that whoever can publish to batch_jobs cannot run an arbitrary image. Empty: any image.
+ATTR_IMAGE_ALLOWLIST = "batchvm-image-allowlist"
 
 DEFAULT_CONTAINER_CLI = "docker"
 DEFAULT_HEARTBEAT_SECONDS = 30.0
@@ -115,6 +118,10 @@ class Binding:
     container_cli: list[str] = field(default_factory=lambda: [DEFAULT_CONTAINER_CLI])
     container_run_args: list[str] = field(default_factory=list)
     heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS
+    image_allowlist: tuple[str, ...] = ()
+
+    def image_allowed(self, image: str) -> bool:
+        return not self.image_allowlist or any(image.startswith(prefix) for prefix in self.image_allowlist)
 
     @property
     def subscription_path(self) -> str:
@@ -192,4 +199,5 @@ def read_binding(client: MetadataClient, wait_seconds: float = 300.0) -> Binding
         container_cli=cli,
         container_run_args=run_args,
         heartbeat_seconds=heartbeat,
+        image_allowlist=tuple((client.attribute(ATTR_IMAGE_ALLOWLIST) or "").replace(",", " ").split()),
     )
