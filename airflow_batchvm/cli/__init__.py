@@ -7,6 +7,7 @@ database: the Google connection comes from the environment, else Application Def
 
 import typer
 
+from airflow_batchvm.cli.common import cloud_errors
 from airflow_batchvm.cli.gc import gc
 from airflow_batchvm.cli.local import local_app
 from airflow_batchvm.cli.monitor import monitor
@@ -18,8 +19,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-app.command()(setup)
-app.command()(submit)
-app.command()(monitor)
-app.command()(gc)
+for command in (setup, submit, monitor, gc):
+    app.command()(cloud_errors(command))
 app.add_typer(local_app, name="local")

@@ -11,9 +11,11 @@ Airflow and the Google clients are imported inside the commands, so that ``batch
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -100,6 +102,24 @@ def progress(*columns: Any) -> Progress:
 def fail(message: str, code: int = 1) -> typer.Exit:
     err().print(f"[bold red]error:[/] {message}")
     return typer.Exit(code)
+
+
+def cloud_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """A refused or failed Google API call ends the command with its message, not a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        from google.api_core.exceptions import GoogleAPICallError
+        from google.auth.exceptions import GoogleAuthError
+
+        try:
+            command(*args, **kwargs)
+        except GoogleAPICallError as exc:
+            raise fail(f"{type(exc).__name__}: {exc.message}") from None
+        except GoogleAuthError as exc:
+            raise fail(f"credentials: {exc}") from None
+
+    return wrapper
 
 
 # --- the connection ---------------------------------------------------------------------------

@@ -46,6 +46,7 @@ ATTR_IMAGE_REGISTRY = "batchvm-image-registry"
 ATTR_CONTAINER_CLI = "batchvm-container-cli"
 ATTR_CONTAINER_RUN_ARGS = "batchvm-container-run-args"
 ATTR_HEARTBEAT_SECONDS = "batchvm-heartbeat-seconds"
+ATTR_IMAGE_ALLOWLIST = "batchvm-image-allowlist"
 
 
 class State(StrEnum):
@@ -97,6 +98,7 @@ def template_body(
     container_cli: str = "docker",
     container_run_args: str = "",
     heartbeat_seconds: float | None = None,
+    image_allowlist: list[str] | None = None,
     max_run_seconds: int = 24 * 3600,
     spot: bool = False,
     network: str = "global/networks/default",
@@ -115,6 +117,9 @@ def template_body(
         items[ATTR_CONTAINER_RUN_ARGS] = container_run_args
     if heartbeat_seconds:
         items[ATTR_HEARTBEAT_SECONDS] = f"{heartbeat_seconds:g}"
+    if image_allowlist:
+        # The agent runs only images starting with one of these (a job cannot change it).
+        items[ATTR_IMAGE_ALLOWLIST] = " ".join(image_allowlist)
     if startup_script:
         items["startup-script"] = startup_script
     if serial_port_logging:
@@ -224,6 +229,9 @@ class Applier:
             return
         except gexc.GoogleAPICallError as exc:
             resource.state, resource.note = State.UNKNOWN, f"could not check: {exc.message}"
+            return
+        except Exception as exc:  # no credentials, no network: a dry run still shows the plan
+            resource.state, resource.note = State.UNKNOWN, f"could not check: {exc}"
             return
         resource.state = State.DIFFERS if resource.differences else State.EXISTS
 
@@ -354,6 +362,13 @@ def setup(
     heartbeat_seconds: Annotated[
         float | None, typer.Option(help="batchvm-heartbeat-seconds (agent default 30).", show_default=False)
     ] = None,
+    image_allowlist: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--image-allowlist",
+            help="batchvm-image-allowlist: image prefix the VMs may run (repeatable; default: any image).",
+        ),
+    ] = None,
     max_run_duration: Annotated[
         str, typer.Option(help="Compute Engine deletes a VM after this long (safety net); 0 disables.")
     ] = "24h",
@@ -417,6 +432,7 @@ def setup(
             container_cli=container_cli,
             container_run_args=container_run_args,
             heartbeat_seconds=heartbeat_seconds,
+            image_allowlist=image_allowlist,
             max_run_seconds=max_run_seconds,
             spot=spot,
             network=network,
@@ -445,6 +461,8 @@ def setup(
             bar.remove_task(task)
 
     _report(resources, dry_run, output)
+    if unknown := [r for r in resources if r.state is State.UNKNOWN and not dry_run]:
+        raise fail(f"could not check {unknown[0].kind} {unknown[0].name}: {unknown[0].note}")
     if differing := [r for r in resources if r.state is State.DIFFERS]:
         names = ", ".join(f"{r.kind} {r.name.rsplit('/', 1)[-1]}" for r in differing)
         raise fail(

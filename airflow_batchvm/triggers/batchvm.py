@@ -24,8 +24,10 @@ from airflow_batchvm.wire import Status, StatusMessage, WireError
 
 # Event status for a VM that stopped or vanished without reporting a terminal status.
 VM_LOST = "VM_LOST"
-# Compute Engine states in which no agent runs any more.
-VM_DOWN_STATES = frozenset({"STOPPING", "STOPPED", "SUSPENDING", "SUSPENDED", "TERMINATED"})
+# Compute Engine states in which no agent runs any more. STOPPING is not one of them: a preempted
+# VM stays STOPPING for up to 30 s while its agent reports PREEMPTED and releases the job message,
+# and calling it lost then would delete it before it could.
+VM_DOWN_STATES = frozenset({"STOPPED", "SUSPENDED", "TERMINATED"})
 # Until the VM is seen running, it is looked at this often (first after one second), so that the
 # timeline shows when it came up; a real VM boots in 20-40 s, so that is a handful of calls.
 BOOT_CHECK_SECONDS = 5.0

@@ -55,6 +55,7 @@ def test_setup_twice_is_idempotent_and_a_different_template_is_refused(local_sta
     gcp = Gcp(new_project())
     args = ["setup", "--project", gcp.project, "--template", "twice", "--service-account", SA,
             "--scope", "pubsub", "--scope", "logging.write", "--heartbeat-seconds", "15", "--spot",
+            "--image-allowlist", "europe-docker.pkg.dev/p/jobs/", "--image-allowlist", "gcr.io/p/",
             "--metadata", "extra-key=extra value"]  # fmt: skip
 
     first = invoke(*args).stdout
@@ -70,6 +71,7 @@ def test_setup_twice_is_idempotent_and_a_different_template_is_refused(local_sta
     assert {i.key: i.value for i in props.metadata.items} == {
         "batchvm-container-cli": "docker",
         "batchvm-heartbeat-seconds": "15",
+        "batchvm-image-allowlist": "europe-docker.pkg.dev/p/jobs/ gcr.io/p/",
         "serial-port-logging-enable": "TRUE",
         "extra-key": "extra value",
     }

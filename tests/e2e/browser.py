@@ -1,8 +1,9 @@
 """Headless Chromium driven over the DevTools protocol on a pipe: no driver, no extra package.
 
     with Chromium() as browser:
-        browser.set_cookie("_token", token, "http://127.0.0.1:8080")
-        browser.open("http://127.0.0.1:8080/dags/...")
+        browser.open("http://127.0.0.1:8080/dags/...")   # the UI sends us to its login page
+        browser.type_into("input[name=username]", "admin")
+        ...
         text = browser.wait_for_text(["FINISHED"], timeout=30)
         Path("page.png").write_bytes(browser.screenshot())
 
@@ -176,6 +177,16 @@ class Chromium:
         if "exceptionDetails" in result:
             raise BrowserError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
+
+    def type_into(self, selector: str, text: str) -> None:
+        """Types ``text`` into the element ``selector`` as a keyboard would (React sees the input)."""
+        if not self.evaluate(f"(e => e ? (e.focus(), true) : false)(document.querySelector({json.dumps(selector)}))"):
+            raise BrowserError(f"no element {selector}")
+        self.call("Input.insertText", {"text": text})
+
+    def click(self, selector: str) -> None:
+        if not self.evaluate(f"(e => e ? (e.click(), true) : false)(document.querySelector({json.dumps(selector)}))"):
+            raise BrowserError(f"no element {selector}")
 
     def text(self) -> str:
         return self.evaluate("document.body ? document.body.innerText : ''") or ""

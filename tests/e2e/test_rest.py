@@ -23,16 +23,16 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from batchvm_local import procs
 from tests.e2e.browser import Chromium, chromium_path
 from tests.helpers import REPO, Cloud
 
-pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.timeout(900)]
 
 _spec = importlib.util.spec_from_file_location("airflow_local", REPO / "scripts" / "airflow_local.py")
 airflow_local = importlib.util.module_from_spec(_spec)
@@ -244,15 +244,19 @@ def test_task_log_page_shows_the_timeline_and_the_log_tail(airflow, runs, tmp_pa
     run_id = runs.run_ids[SINGLE]
     url = f"{airflow.url}/dags/{SINGLE}/runs/{urllib.parse.quote(run_id, safe='')}/tasks/run_job"
     with Chromium(width=1440, height=760) as browser:
-        # What the UI's own login page does: it keeps the token from POST /auth/token in the
-        # `_token` cookie, which the API reads on every call the UI makes.
-        browser.set_cookie("_token", runs.api.token, airflow.url)
+        # As a user: the UI sends an unknown visitor to its login page, which comes back to the page
+        # once signed in (the token from POST /auth/token is kept in the `_token` cookie).
         browser.open(url)
+        browser.wait_for_text(["Sign into Airflow"], timeout=60)
+        browser.type_into("input[name=username]", "admin")
+        browser.type_into("input[name=password]", airflow.password())
+        browser.click("button[type=submit]")
         text = browser.wait_for_text(
             ["Logs", "submitted", "VM created", "STARTED", "FINISHED", "container log tail", "Starting Job",
              "Job finished."],
             timeout=60,
         )  # fmt: skip
+        assert browser.evaluate("location.href") == url  # back on the task's page, signed in
         png = browser.screenshot()
     (tmp_path / "task-log.png").write_bytes(png)
     if os.environ.get("BATCHVM_UPDATE_SCREENSHOT") == "1":
@@ -278,16 +282,19 @@ def test_task_log_page_shows_the_timeline_and_the_log_tail(airflow, runs, tmp_pa
 def test_stopping_leaves_nothing_running(airflow):
     components = {name: c["pid"] for name, c in airflow.components.items()}
     assert set(components) == set(airflow_local.COMPONENTS)
-    assert airflow.leftovers(), "nothing of this Airflow was found running before stopping it"
+    before = airflow.leftovers()
+    # What runs: the four components, their children (executor workers, log servers, the trigger
+    # runner) and the stack (emulator, its java, the Compute stand-in).
+    assert set(components.values()) <= {p.pid for p in before}
+    assert len(before) >= len(components) + 6, before
     started = time.monotonic()
     killed = airflow.stop()
-    seconds = time.monotonic() - started
-    print(f"stopped in {seconds:.1f} s")
-    assert killed == [], f"these had to be killed: {killed}"
+    print(f"stopped in {time.monotonic() - started:.1f} s ({airflow.timings})")
+    assert killed == [], f"these did not stop on SIGTERM and had to be killed: {killed}"
     assert airflow.leftovers() == []
+    assert [p for p in before if procs.is_alive(p)] == []
     assert not airflow_local.port_taken(airflow.port)
     for host in (airflow.stack_env["PUBSUB_EMULATOR_HOST"], airflow.stack_env["BATCHVM_COMPUTE_API_ENDPOINT"]):
-        port = int(host.rsplit(":", 1)[1])
-        assert not airflow_local.port_taken(port), host
+        assert not airflow_local.port_taken(int(host.rsplit(":", 1)[1])), host
     assert not airflow.state_file.exists()
-    assert not Path(airflow.stack_dir / "stack.json").exists()
+    assert not (airflow.stack_dir / "stack.json").exists()

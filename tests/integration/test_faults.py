@@ -96,7 +96,7 @@ async def test_f4_a_preempted_vm_is_replaced_and_the_job_completes_once(cloud, s
         job_id = await asyncio.to_thread(lambda: op.build_spec(context).job_id)
         first = f"bvm-{job_id}"
         await cloud.wait_for_output(first, "begin")  # the container is running
-        await asyncio.to_thread(cloud.preempt, first, 1)
+        await asyncio.to_thread(cloud.preempt, first, 5)  # GCE gives 30 s; the agent needs less
 
     result, _ = await asyncio.gather(run_deferred(op, context), preempt_once_started())
     assert result["status"] == "FINISHED"
