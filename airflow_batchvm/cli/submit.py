@@ -184,7 +184,13 @@ def submit(
     except (ValidationError, ValueError) as exc:
         raise fail(f"invalid job: {_describe(exc)}") from None
 
-    names = _submit(cloud, job_id, attempt, spec, message, zone, template, machine_type, max_run_duration)
+    max_run_seconds = int(parse_duration(max_run_duration)) if max_run_duration else None
+    if max_run_seconds is None and timeout_seconds:
+        from airflow_batchvm.operators.batchvm import MAX_RUN_MARGIN_SECONDS
+
+        # As the operator does: the VM outlives the job's timeout by a margin, and no more.
+        max_run_seconds = timeout_seconds + MAX_RUN_MARGIN_SECONDS
+    names = _submit(cloud, job_id, attempt, spec, message, zone, template, machine_type, max_run_seconds)
     out().print(f"submitted job [bold]{job_id}[/] attempt {attempt}: VM [bold]{names.vm_name}[/] in {zone}")
     if not wait:
         out().print(
@@ -248,10 +254,10 @@ def _build_spec(
     return JobSpec.model_validate(fields)
 
 
-def _submit(cloud: Cloud, job_id, attempt, spec, message, zone, template, machine_type, max_run_duration):
+def _submit(cloud: Cloud, job_id, attempt, spec, message, zone, template, machine_type, max_run_seconds):
     from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from airflow_batchvm.hooks.batchvm import JobNames, VmInsertError, short_name
+    from airflow_batchvm.hooks.batchvm import JobNames, VmInsertError
     from airflow_batchvm.operators.batchvm import MANAGED_BY
 
     hook = cloud.hook
@@ -271,21 +277,14 @@ def _submit(cloud: Cloud, job_id, attempt, spec, message, zone, template, machin
                 message_id = hook.publisher.publish(names.job_topic, data, **attributes).result(timeout=120)
             err().print(f"[dim]published job {job_id} as message {message_id}[/]")
             bar.update(step, description=f"creating VM {names.vm_name} from {template}")
-            extra: dict[str, Any] = {}
-            if max_run_duration:
-                extra["max_run_seconds"] = int(parse_duration(max_run_duration))
+            extra: dict[str, Any] = {"max_run_seconds": max_run_seconds} if max_run_seconds else {}
             hook.insert_vm(
                 project_id=cloud.project,
                 zone=zone,
                 vm_name=names.vm_name,
                 instance_template=template,
                 machine_type=machine_type,
-                metadata={
-                    "batchvm-job-id": job_id,
-                    "batchvm-attempt": str(attempt),
-                    "batchvm-job-subscription": short_name(names.job_subscription),
-                    "batchvm-status-topic": short_name(names.status_topic),
-                },
+                metadata=names.binding_metadata(attempt),
                 labels={
                     **(spec.labels if spec else {}),
                     "batchvm-job-id": job_id,

@@ -79,6 +79,15 @@ class JobNames:
         """The first VM of a job is ``bvm-JOB``; a replacement for a lost one is ``bvm-JOB-rN``."""
         return f"bvm-{self.job_id}" if vm_attempt <= 1 else f"bvm-{self.job_id}-r{vm_attempt}"
 
+    def binding_metadata(self, attempt: int) -> dict[str, str]:
+        """The VM metadata that binds a VM to this job: what its agent reads (docs/ARCHITECTURE.md)."""
+        return {
+            "batchvm-job-id": self.job_id,
+            "batchvm-attempt": str(attempt),
+            "batchvm-job-subscription": short_name(self.job_subscription),
+            "batchvm-status-topic": short_name(self.status_topic),
+        }
+
     @property
     def job_topic(self) -> str:
         return f"projects/{self.project_id}/topics/{JOB_TOPIC}"
@@ -160,6 +169,12 @@ class BatchVmHook(GoogleBaseHook):
                         "filter": job_filter,
                         "ack_deadline_seconds": deadline,
                         "expiration_policy": ExpirationPolicy(ttl=Duration(seconds=SUBSCRIPTION_TTL_SECONDS)),
+                        # Pub/Sub keeps no creation time: gc reads the age of an orphan from this label.
+                        "labels": {
+                            "managed-by": "airflow-batchvm",
+                            "batchvm-job-id": names.job_id,
+                            "batchvm-created": str(int(time.time())),
+                        },
                     },
                     retry=API_RETRY,
                 )

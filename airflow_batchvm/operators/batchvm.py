@@ -22,7 +22,6 @@ from airflow_batchvm.hooks.batchvm import (
     BatchVmHook,
     JobNames,
     VmInsertError,
-    short_name,
 )
 from airflow_batchvm.links.batchvm import BatchVmInstanceLink, BatchVmLogsLink
 from airflow_batchvm.sensors.batchvm import JobWaitMixin, OnFinishAction
@@ -263,18 +262,14 @@ class BatchVmSubmitJobOperator(BaseOperator):
                     machine_type=self.machine_type,
                     spot=self.spot,
                     max_run_seconds=self.max_run_seconds,
-                    metadata={
-                        **(self.vm_metadata or {}),
-                        "batchvm-job-id": names.job_id,
-                        "batchvm-attempt": str(attempt),
-                        "batchvm-job-subscription": short_name(names.job_subscription),
-                        "batchvm-status-topic": short_name(names.status_topic),
-                    },
+                    metadata={**(self.vm_metadata or {}), **names.binding_metadata(attempt)},
                     labels={
                         **(self.labels or {}),
                         **task_labels(ti.dag_id, ti.task_id, ti.run_id, ti.map_index, ti.try_number),
                         "batchvm-job-id": names.job_id,
                         **MANAGED_BY,
+                        # `batchvm gc` leaves a VM alone that its task means to keep.
+                        **({"batchvm-keep": "true"} if getattr(self, "on_finish_action", None) == OnFinishAction.KEEP_VM else {}),
                     },
                     request_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"batchvm/{vm_name}/{attempt}/{zone}")),
                     timeout=min(INSERT_TIMEOUT_SECONDS, self.startup_timeout_seconds),

@@ -82,14 +82,14 @@ class Gcp:
     def vms(self) -> dict[str, str]:
         return {vm.name: vm.status for vm in self.instances.list(project=self.project, zone=ZONE)}
 
-    def wait_vm(self, name: str, status: str, timeout: float = 30) -> None:
+    def wait_vm(self, name: str, status: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while self.vms().get(name) != status:
             if time.monotonic() > deadline:
                 raise AssertionError(f"VM {name} is {self.vms().get(name)}, not {status}, after {timeout} s")
             time.sleep(0.2)
 
-    def wait_no_vm(self, name: str, timeout: float = 15) -> None:
+    def wait_no_vm(self, name: str, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while name in self.vms():
             if time.monotonic() > deadline:

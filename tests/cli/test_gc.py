@@ -10,6 +10,7 @@ import pytest
 
 from airflow_batchvm.gc import collect_garbage
 from airflow_batchvm.hooks.batchvm import BatchVmHook, JobNames
+from airflow_batchvm.operators.batchvm import MAX_RUN_MARGIN_SECONDS
 from tests.cli.conftest import TEMPLATE, ZONE, invoke
 from tests.helpers import IMAGE
 
@@ -22,9 +23,13 @@ def test_gc_deletes_leftovers_after_their_grace_and_dry_run_deletes_nothing(work
     done, busy = f"gc-done-{tag}", f"gc-busy-{tag}"
     common = ["submit", "--project", gcp.project, "--zone", ZONE, "--template", TEMPLATE, "--image", IMAGE]
     invoke(*common, "--job-id", done, "--sleep-time", "0")  # no --wait: nobody cleans up after it
-    invoke(*common, "--job-id", busy, "--sleep-time", "120")
+    invoke(*common, "--job-id", busy, "--sleep-time", "120", "--timeout-seconds", "300")
     gcp.wait_vm(f"bvm-{done}", "TERMINATED")
     gcp.wait_vm(f"bvm-{busy}", "RUNNING")
+    # As the operator does: the VM's max run duration is the job's timeout plus a margin.
+    busy_vm = gcp.instances.get(project=gcp.project, zone=ZONE, instance=f"bvm-{busy}")
+    assert busy_vm.scheduling.max_run_duration.seconds == 300 + MAX_RUN_MARGIN_SECONDS
+    assert busy_vm.scheduling.instance_termination_action == "DELETE"
 
     # Subscriptions whose job has no VM: one of unknown age (as the hook makes them today), one
     # labelled two hours old, one labelled just now.
