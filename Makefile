@@ -21,3 +21,7 @@ local-up:
 
 local-down:
 	.venv/bin/python -m batchvm_local down
+
+.PHONY: airflow
+airflow:         ## install, then run Airflow with its UI on the local stack until Ctrl-C (prints URL and login)
+	bash scripts/airflow.sh

@@ -14,3 +14,20 @@ fi
 uv sync --frozen --quiet
 
 bash worker_image/local/setup.sh
+
+# ---------------------------------------------------------------------------------------------
+# Headless Chromium (Debian's `chromium`) for the browser check of the end-to-end tests
+# (tests/e2e/test_rest.py looks at the task log page of the Airflow UI). Installed once; skipped
+# when it is already there.
+# ---------------------------------------------------------------------------------------------
+if ! command -v chromium >/dev/null; then
+  echo "install: installing Debian's chromium (headless browser for the UI check)" >&2
+  apt_sudo=()
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || { echo "install: need root (or sudo) to install chromium" >&2; exit 1; }
+    apt_sudo=(sudo)
+  fi
+  "${apt_sudo[@]}" apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive "${apt_sudo[@]}" apt-get install -y -q chromium >/dev/null
+  command -v chromium >/dev/null || { echo "install: chromium did not install" >&2; exit 1; }
+fi

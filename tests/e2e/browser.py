@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -79,7 +80,8 @@ class Chromium:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            pass_fds=(3, 4),  # kept open across exec, once wire_fds put the pipes there
+            # Our fds are close-on-exec (PEP 446); dup2 in wire_fds makes 3 and 4 survive the exec.
+            close_fds=False,
             preexec_fn=wire_fds,
             start_new_session=True,
         )  # fmt: skip
@@ -89,16 +91,19 @@ class Chromium:
         self._in = from_browser_r
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        target = self.call("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
-        self.session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True}, session=False)[
-            "sessionId"
-        ]
-        self.call("Page.enable")
-        self.call("Network.enable")
-        self.call(
-            "Emulation.setDeviceMetricsOverride",
-            {"width": self.width, "height": self.height, "deviceScaleFactor": 1, "mobile": False},
-        )
+        try:
+            target = self.call("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
+            attached = self.call("Target.attachToTarget", {"targetId": target, "flatten": True}, session=False)
+            self.session = attached["sessionId"]
+            self.call("Page.enable")
+            self.call("Network.enable")
+            self.call(
+                "Emulation.setDeviceMetricsOverride",
+                {"width": self.width, "height": self.height, "deviceScaleFactor": 1, "mobile": False},
+            )
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -109,8 +114,12 @@ class Chromium:
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, 9)
-            self.process.wait(timeout=5)
+            pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # its helper processes (zygote, renderers) too
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=5)
         for fd in (self._out, self._in):
             try:
                 os.close(fd)

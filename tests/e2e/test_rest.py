@@ -123,7 +123,7 @@ def runs(airflow):
         for dag_id, run_id in run_ids.items():
             for ti in api.task_instances(dag_id, run_id):
                 history = seen.setdefault((dag_id, ti["task_id"], ti["map_index"]), [])
-                sample = {"state": ti["state"], "triggerer_job": ti.get("triggerer_job")}
+                sample = {"state": ti["state"], "triggerer": (ti.get("triggerer_job") or {}).get("id")}
                 if not history or history[-1] != sample:
                     history.append(sample)
         states = {dag_id: api.get(api.run_path(dag_id, run_id))["state"] for dag_id, run_id in run_ids.items()}
@@ -206,17 +206,16 @@ def test_rest_runs_succeed_with_their_waits_in_the_real_triggerer(airflow, runs)
                 assert '"sleep_time":"3"' in text, text[-3000:]
     assert len(job_ids) == 6
 
-    # What the grid showed while the runs went on: every task went through `deferred`, with the
-    # triggerer picking its trigger up.
-    not_deferred = [k for k, history in runs.seen.items() if "deferred" not in [s["state"] for s in history]]
-    assert not not_deferred, _diagnose(airflow, runs)
-    picked_up = {
-        sample["triggerer_job"]["id"]
-        for history in runs.seen.values()
+    # What the grid showed while the runs went on: tasks of both runs deferred, their triggers held
+    # by that triggerer. (Each task's deferral is proven above by its log; a sample every ~0.5 s
+    # could in principle miss one short deferral, never a whole run's.)
+    held = {
+        dag_id
+        for (dag_id, _, _), history in runs.seen.items()
         for sample in history
-        if sample["state"] == "deferred" and sample["triggerer_job"]
+        if sample["state"] == "deferred" and sample["triggerer"] == triggerer_id
     }
-    assert picked_up == {triggerer_id}, _diagnose(airflow, runs)
+    assert held == {PIPELINE, SINGLE}, _diagnose(airflow, runs)
 
     # No VM or per-job subscription is left on this Airflow's own local stack.
     previous = os.environ.get("PUBSUB_EMULATOR_HOST")
