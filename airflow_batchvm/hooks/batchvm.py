@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 from airflow.providers.google.common.hooks.base_google import GoogleBaseAsyncHook, GoogleBaseHook
@@ -23,12 +23,15 @@ from google.api_core import exceptions as gexc
 from google.api_core.client_options import ClientOptions
 from google.api_core.retry import Retry, if_exception_type
 from google.api_core.retry_async import AsyncRetry
-from google.cloud import compute_v1, pubsub_v1
+from google.cloud import pubsub_v1
 from google.protobuf.duration_pb2 import Duration
 from google.pubsub_v1.services.subscriber.async_client import SubscriberAsyncClient
 from google.pubsub_v1.types import ExpirationPolicy, ReceivedMessage
 
 from airflow_batchvm.wire import JOB_TOPIC, STATUS_TOPIC, JobSpec
+
+if TYPE_CHECKING:
+    from google.cloud import compute_v1
 
 COMPUTE_ENDPOINT_ENV = "BATCHVM_COMPUTE_API_ENDPOINT"
 
@@ -39,8 +42,10 @@ SUBSCRIPTION_TTL_SECONDS = 24 * 3600
 # lost is redelivered within a minute.
 JOB_ACK_DEADLINE_SECONDS = 60
 # The watcher never acks a terminal status (the task deletes the subscription instead), so a
-# restarted triggerer sees it again after this long.
-STATUS_ACK_DEADLINE_SECONDS = 20
+# restarted triggerer sees it again after this long; so does a watcher whose pull was cut off
+# (a message handed to a pull that timed out client-side is redelivered only after it). 10 s is
+# the minimum Pub/Sub allows.
+STATUS_ACK_DEADLINE_SECONDS = 10
 
 # Compute Engine's words for "no capacity for this machine in this zone right now".
 STOCKOUT_REASONS = frozenset(
@@ -138,6 +143,8 @@ class BatchVmHook(GoogleBaseHook):
 
     @cached_property
     def instances(self) -> compute_v1.InstancesClient:
+        from google.cloud import compute_v1  # a 5 s import: paid by the tasks that use Compute only
+
         return compute_v1.InstancesClient(
             credentials=self.get_credentials(), client_options=self._compute_options
         )
@@ -145,6 +152,8 @@ class BatchVmHook(GoogleBaseHook):
     @cached_property
     def zone_operations(self) -> compute_v1.ZoneOperationsClient:
         # operation.result() would poll the default endpoint; our own client keeps local mode honest.
+        from google.cloud import compute_v1
+
         return compute_v1.ZoneOperationsClient(
             credentials=self.get_credentials(), client_options=self._compute_options
         )
@@ -232,6 +241,8 @@ class BatchVmHook(GoogleBaseHook):
         ``request_id`` makes a retried call a no-op instead of a second VM. ``max_run_seconds``
         has Compute Engine delete the VM after that long even if Airflow is gone.
         """
+        from google.cloud import compute_v1
+
         instance = compute_v1.Instance(
             name=vm_name,
             labels=labels,
@@ -300,6 +311,8 @@ class BatchVmHook(GoogleBaseHook):
         self, project_id: str, zone: str, operation: compute_v1.Operation, what: str,
         timeout: float = INSERT_TIMEOUT_SECONDS,
     ) -> None:
+        from google.cloud import compute_v1
+
         deadline = time.monotonic() + timeout
         while operation.status != compute_v1.Operation.Status.DONE:
             if time.monotonic() > deadline:

@@ -152,7 +152,7 @@ class BatchVmSubmitJobOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         spec = self.build_spec(context)
         names = self.submitted = JobNames(self.project_id or self.hook.project_id, spec.job_id)
-        result = self.reattach(names) or self.submit(context, spec, names)
+        result = self.reattach(names, spec.attempt) or self.submit(context, spec, names)
         self.submitted_vm = (result["zone"], result["vm_name"])
         BatchVmInstanceLink.persist(context, project_id=names.project_id, zone=result["zone"], vm_name=result["vm_name"])
         BatchVmLogsLink.persist(context, project_id=names.project_id, vm_name=result["vm_name"])
@@ -197,30 +197,38 @@ class BatchVmSubmitJobOperator(BaseOperator):
                 raise JobSpecError(f"Invalid batch job spec: {name}: must be a non-empty string")
         return spec
 
-    def reattach(self, names: JobNames) -> dict[str, Any] | None:
-        """A retried task finds its job's VM by label: a live one is watched again, never doubled.
+    def reattach(self, names: JobNames, attempt: int) -> dict[str, Any] | None:
+        """A retried or re-run task finds its job's VM by label and watches it again, never doubling it.
 
-        VMs of the job that are down are deleted, so that the new attempt runs alone.
+        It takes a live VM of any attempt (the job still runs), or any VM of this very attempt (the
+        task was re-run after its job ended: the job's status waits, unacked, on its subscription).
+        The job's other VMs are deleted, so that a new attempt runs alone.
         """
-        found = None
+        vms = []
         for zone in self.zones:
-            for vm in self.hook.find_job_vms(project_id=names.project_id, zone=zone, job_id=names.job_id):
-                attempt = _metadata(vm, "batchvm-attempt")
-                if found is None and vm.status in VM_ALIVE_STATES and attempt and attempt.isdigit():
-                    found = {
-                        "job_id": names.job_id,
-                        "attempt": int(attempt),
-                        "vm_name": vm.name,
-                        "zone": zone,
-                        "project_id": names.project_id,
-                        "submitted_at": _epoch(vm.creation_timestamp),
-                        "reattached": True,
-                    }
-                    self.log.info("Reattached to job %s attempt %s on VM %s (%s), which is %s",
-                                  names.job_id, attempt, vm.name, zone, vm.status)
-                else:
-                    self.log.info("Deleting VM %s (%s) left by an earlier try", vm.name, vm.status)
-                    self.hook.delete_vm(project_id=names.project_id, zone=zone, vm_name=vm.name)
+            vms += [(zone, vm) for vm in self.hook.find_job_vms(project_id=names.project_id, zone=zone, job_id=names.job_id)]
+        # Live VMs first, then the newest.
+        vms.sort(key=lambda zv: (zv[1].status not in VM_ALIVE_STATES, -(_epoch(zv[1].creation_timestamp) or 0)))
+        found = None
+        for zone, vm in vms:
+            vm_attempt = _metadata(vm, "batchvm-attempt") or ""
+            usable = vm_attempt.isdigit() and (vm.status in VM_ALIVE_STATES or int(vm_attempt) == attempt)
+            if found is None and usable:
+                found = {
+                    "job_id": names.job_id,
+                    "attempt": int(vm_attempt),
+                    "vm_name": vm.name,
+                    "vm_attempt": _vm_attempt(vm.name),
+                    "zone": zone,
+                    "project_id": names.project_id,
+                    "submitted_at": _epoch(vm.creation_timestamp),
+                    "reattached": True,
+                }
+                self.log.info("Reattached to job %s attempt %s on VM %s (%s), which is %s",
+                              names.job_id, vm_attempt, vm.name, zone, vm.status)
+            else:
+                self.log.info("Deleting VM %s (%s) left by an earlier try", vm.name, vm.status)
+                self.hook.delete_vm(project_id=names.project_id, zone=zone, vm_name=vm.name)
         return found
 
     def submit(self, context: Context, spec: JobSpec, names: JobNames) -> dict[str, Any]:
@@ -340,6 +348,7 @@ class BatchVmRunJobOperator(JobWaitMixin, BatchVmSubmitJobOperator):
             attempt=job["attempt"],
             zone=job["zone"],
             vm_name=job["vm_name"],
+            vm_attempt=job.get("vm_attempt", 1),
             submitted_at=job["submitted_at"],
         )
 
@@ -372,6 +381,12 @@ def default_job_id(dag_id: str, task_id: str, run_id: str, map_index: int) -> st
 
 def _metadata(vm: Any, key: str) -> str | None:
     return next((item.value for item in vm.metadata.items if item.key == key), None)
+
+
+def _vm_attempt(vm_name: str) -> int:
+    """``bvm-JOB`` is a job's first VM, ``bvm-JOB-rN`` its N-th."""
+    match = re.search(r"-r(\d+)$", vm_name)
+    return int(match.group(1)) if match else 1
 
 
 def _epoch(rfc3339: str) -> float | None:

@@ -15,6 +15,7 @@ from airflow.sdk.exceptions import AirflowException
 from airflow_batchvm.hooks.batchvm import BatchVmHook, JobNames
 from airflow_batchvm.links.batchvm import BatchVmInstanceLink, BatchVmLogsLink
 from airflow_batchvm.triggers.batchvm import (
+    FINAL_LOOK_SECONDS,
     VM_DOWN_STATES,
     VM_LOST,
     BatchVmJobTrigger,
@@ -271,7 +272,7 @@ class BatchVmJobSensor(JobWaitMixin, BaseSensorOperator):
             if vm is not None and vm.status not in VM_DOWN_STATES:
                 return PokeReturnValue(is_done=False)
             # The agent publishes before it powers off: one last look before calling the VM lost.
-            terminal = statuses.take(self.hook.pull_statuses(names, timeout=2.0), self.log)
+            terminal = statuses.take(self.hook.pull_statuses(names, timeout=FINAL_LOOK_SECONDS), self.log)
             if terminal:
                 event = status_event(names.project_id, terminal, statuses.started)
             else:

@@ -31,6 +31,9 @@ VM_DOWN_STATES = frozenset({"STOPPED", "SUSPENDED", "TERMINATED"})
 # Until the VM is seen running, it is looked at this often (first after one second), so that the
 # timeline shows when it came up; a real VM boots in 20-40 s, so that is a handful of calls.
 BOOT_CHECK_SECONDS = 5.0
+# How long a down VM's last words are waited for before it is called lost: longer than the status
+# subscription's ack deadline, after which a status handed to a cut-off pull comes back.
+FINAL_LOOK_SECONDS = 15.0
 # A restarted watcher waits at least this long for a heartbeat before it calls a job unstarted.
 RESTART_GRACE_SECONDS = 90.0
 # A long poll returns at once when a status arrives; this only bounds how long one call waits.
@@ -270,8 +273,18 @@ class BatchVmJobTrigger(BaseTrigger):
             log_step(self.log, f"VM {state.lower()}", self.vm_name, self.submitted_at, since)
         if state not in VM_DOWN_STATES and state != "DELETED":
             return None
-        # The agent publishes before it powers off: anything it said is already on the subscription.
-        terminal = statuses.take(await hook.pull_statuses(self.names, timeout=2.0), self.log)
+        # The agent publishes before it powers off: anything it said is on the subscription, though
+        # Pub/Sub may take a moment to hand it out (after an outage, say). A long poll returns as
+        # soon as it arrives, so this costs time only when the VM really died silent.
+        terminal = None
+        deadline = time.monotonic() + FINAL_LOOK_SECONDS
+        while terminal is None and time.monotonic() < deadline:
+            try:
+                received = await hook.pull_statuses(self.names, timeout=max(0.5, deadline - time.monotonic()))
+            except (gexc.ServiceUnavailable, gexc.InternalServerError, gexc.Unknown):
+                await asyncio.sleep(1.0)
+                continue
+            terminal = statuses.take(received, self.log)
         if terminal:
             return status_event(self.project_id, terminal, statuses.started)
         reason = f"VM {self.vm_name} is {state} and its job reported no terminal status"

@@ -76,7 +76,7 @@ async def test_f3_a_vm_whose_agent_never_starts_is_detected_and_deleted(cloud):
     failure, seconds = await timed(run_deferred(op, task_context("f3")))
     assert isinstance(failure, BatchVmJobFailed)
     assert "was lost" in str(failure) and "TERMINATED" in str(failure)
-    assert seconds < 15
+    assert seconds < 40  # liveness check (1 s here) + the final look (15 s) + boot
 
 
 async def test_f3_a_vm_stuck_provisioning_hits_the_startup_timeout(cloud):
@@ -96,14 +96,14 @@ async def test_f4_a_preempted_vm_is_replaced_and_the_job_completes_once(cloud, s
         job_id = await asyncio.to_thread(lambda: op.build_spec(context).job_id)
         first = f"bvm-{job_id}"
         await cloud.wait_for_output(first, "begin")  # the container is running
-        await asyncio.to_thread(cloud.preempt, first, 5)  # GCE gives 30 s; the agent needs less
+        await asyncio.to_thread(cloud.preempt, first, 30)  # as GCE: 30 s notice; the agent powers off sooner
 
     result, _ = await asyncio.gather(run_deferred(op, context), preempt_once_started())
     assert result["status"] == "FINISHED"
     assert result["vm_name"].endswith("-r2")
-    statuses = status_log(result["job_id"])
-    assert [s["status"] for s in statuses if s["status"] in ("FINISHED", "FAILED")] == ["FINISHED"]
-    assert any(s["status"] == "PREEMPTED" and not s["vm_name"].endswith("-r2") for s in statuses), [(s["status"], s["vm_name"], s.get("reason")) for s in statuses]
+    statuses = [(s["status"], s["vm_name"]) for s in status_log(result["job_id"])]
+    assert [s for s in statuses if s[0] in ("FINISHED", "FAILED")] == [("FINISHED", result["vm_name"])], statuses
+    assert ("PREEMPTED", result["vm_name"].removesuffix("-r2")) in statuses, statuses
 
 
 async def test_f5_an_agent_crash_after_started_ends_the_wait(cloud):
@@ -112,7 +112,7 @@ async def test_f5_an_agent_crash_after_started_ends_the_wait(cloud):
     failure, seconds = await timed(run_deferred(op, task_context("f5")))
     assert isinstance(failure, BatchVmJobFailed)
     assert "was lost" in str(failure)
-    assert seconds < 15  # liveness_check_seconds=1 here; the bound is documented in RELIABILITY.md
+    assert seconds < 40  # liveness check (1 s here) + the final look (15 s) + boot; see RELIABILITY.md
 
 
 @pytest.mark.slow
@@ -225,6 +225,23 @@ async def test_f13_an_earlier_attempts_finished_never_satisfies_a_new_attempt(cl
     second["ti"].run_id = context["ti"].run_id
     with pytest.raises(BatchVmJobFailed, match="exit code 5"):
         await run_deferred(retry, second)
+
+
+async def test_f13_a_rerun_of_the_same_try_after_its_job_ended_takes_that_result(cloud, status_log):
+    """A task instance re-run with the same try (e.g. Airflow rescheduled it) must not run its job twice."""
+    first = run_op(cloud, "f13c", command=["sh", "-c", "echo ran"])
+    context = task_context("f13c", try_number=1)
+    with pytest.raises(TaskDeferred) as deferred:
+        await asyncio.to_thread(first.execute, context)
+    await cloud.wait_for_vm(deferred.value.trigger.vm_name, "TERMINATED", timeout=30)
+    inserts = cloud.calls("instances.insert")
+    again = run_op(cloud, "f13c", command=["sh", "-c", "echo ran"])
+    rerun = task_context("f13c", try_number=1)
+    rerun["ti"].run_id = context["ti"].run_id
+    result = await run_deferred(again, rerun)
+    assert result["status"] == "FINISHED"
+    assert cloud.calls("instances.insert") == inserts  # no new VM, no second run
+    assert [s["status"] for s in status_log(result["job_id"])].count("STARTED") == 1
 
 
 @pytest.mark.parametrize(("fault", "cause"), [("quota-exceeded", "QUOTA_EXCEEDED"), ("permission-denied", "forbidden")])
