@@ -35,6 +35,12 @@ def status(kind: Status, job_id="job-1", attempt=2, **fields) -> StatusMessage:
     return StatusMessage(job_id=job_id, attempt=attempt, status=kind, vm_name="bvm-job-1", zone="z", **fields)
 
 
+@pytest.fixture(autouse=True)
+def short_final_look(monkeypatch):
+    """The fake pulls return at once; a real long poll would wait out the final look."""
+    monkeypatch.setattr("airflow_batchvm.triggers.batchvm.FINAL_LOOK_SECONDS", 0.2)
+
+
 @pytest.fixture
 def hook():
     with mock.patch("airflow_batchvm.triggers.batchvm.BatchVmAsyncHook", autospec=True) as cls:
