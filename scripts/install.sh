@@ -17,10 +17,10 @@ bash worker_image/local/setup.sh
 
 # ---------------------------------------------------------------------------------------------
 # Headless Chromium (Debian's `chromium`) for the browser check of the end-to-end tests
-# (tests/e2e/test_rest.py looks at the task log page of the Airflow UI). Installed once; skipped
-# when it is already there.
+# (tests/e2e/test_rest.py looks at the task log page of the Airflow UI): only with --with-browser,
+# which the test command passes and the demo does not. Installed once; skipped when it is there.
 # ---------------------------------------------------------------------------------------------
-if ! command -v chromium >/dev/null; then
+if [ "${1:-}" = --with-browser ] && ! command -v chromium >/dev/null; then
   echo "install: installing Debian's chromium (headless browser for the UI check)" >&2
   apt_sudo=()
   if [ "$(id -u)" -ne 0 ]; then

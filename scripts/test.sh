@@ -4,6 +4,6 @@
 # stops its own services on free ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh
+bash scripts/install.sh --with-browser
 .venv/bin/ruff check .
 exec .venv/bin/pytest -p no:cacheprovider "$@"
