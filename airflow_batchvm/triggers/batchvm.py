@@ -291,6 +291,20 @@ class BatchVmJobTrigger(BaseTrigger):
         return vm_lost_event(self.names, self.attempt, self.vm_name, self.zone, reason, statuses.started)
 
     async def on_kill(self) -> None:
-        """The user killed the deferred task (mark failed, clear): leave no VM or subscription behind."""
+        """The user killed the deferred task (mark failed, clear): leave no VM or subscription behind.
+
+        The deletion runs as a task of its own, shielded: Airflow may cancel ``on_kill`` itself (a
+        second cancel of the trigger's task does), and the deletion must finish all the same.
+        """
         self.log.info("Task killed while waiting: deleting VM %s and the job's subscriptions", self.vm_name)
-        await asyncio.wait_for(self._hook().delete_job(self.names, self.zone, self.vm_name), timeout=60)
+        cleanup = asyncio.ensure_future(
+            asyncio.wait_for(self._hook().delete_job(self.names, self.zone, self.vm_name), timeout=120)
+        )
+        _CLEANUPS.add(cleanup)
+        cleanup.add_done_callback(_CLEANUPS.discard)
+        await asyncio.shield(cleanup)
+        self.log.info("Deleted VM %s and the job's subscriptions", self.vm_name)
+
+
+# Cleanups in flight, referenced so that they are not collected before they finish.
+_CLEANUPS: set[asyncio.Future] = set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from unittest import mock
 
@@ -206,3 +207,20 @@ async def test_a_started_job_that_falls_silent_ends_the_wait(hook):
     event = await make_trigger(heartbeat_timeout_seconds=0.0).run().asend(None)
     assert event.payload["status"] == VM_LOST
     assert "no word from the job" in event.payload["reason"]
+
+
+async def test_on_kill_finishes_its_cleanup_even_when_airflow_cancels_it(hook):
+    done = []
+
+    async def slow_delete(names, zone, vm_name):
+        await asyncio.sleep(0.3)
+        done.append(vm_name)
+
+    hook.delete_job.side_effect = slow_delete
+    killing = asyncio.ensure_future(make_trigger().on_kill())
+    await asyncio.sleep(0.05)
+    killing.cancel()  # the Airflow 3.3 triggerer can cancel on_kill itself
+    with pytest.raises(asyncio.CancelledError):
+        await killing
+    await asyncio.sleep(0.5)
+    assert done == ["bvm-job-1"]
