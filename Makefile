@@ -25,3 +25,7 @@ local-down:
 .PHONY: airflow
 airflow:         ## install, then run Airflow with its UI on the local stack until Ctrl-C (prints URL and login)
 	bash scripts/airflow.sh
+
+.PHONY: bench
+bench:           ## the benchmark against the stock google-provider chain (< 15 min; QUICK=1 for the < 3 min run)
+	.venv/bin/python -m bench $(if $(QUICK),--quick,)

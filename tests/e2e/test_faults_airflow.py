@@ -16,7 +16,6 @@ trigger runs in the triggerer before marking the task failed.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
