@@ -163,8 +163,12 @@ class Cloud:
     def stats(self) -> dict:
         return self._get("/_local/stats")
 
-    def insert_vm(self, name: str, metadata: dict[str, str]) -> dict:
-        body = {"name": name, "metadata": {"items": [{"key": k, "value": v} for k, v in metadata.items()]}}
+    def insert_vm(self, name: str, metadata: dict[str, str], labels: dict[str, str] | None = None) -> dict:
+        body = {
+            "name": name,
+            "metadata": {"items": [{"key": k, "value": v} for k, v in metadata.items()]},
+            "labels": labels or {},
+        }
         return self._post(
             f"/compute/v1/projects/{self.project}/zones/{self.zone}/instances"
             f"?sourceInstanceTemplate=projects/{self.project}/global/instanceTemplates/{self.stack_template}",

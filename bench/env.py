@@ -134,7 +134,7 @@ def _vm_pool(ctx: Context) -> None:
     """The idle VMs that P3's waits check the liveness of (RUNNING, as a real job's VM would be)."""
     names = [f"bvm-p3-{i}" for i in range(P3_VM_POOL)]
     for name in names:
-        ctx.cloud.insert_vm(name, {"bench-role": "idle"})
+        ctx.cloud.insert_vm(name, {"bench-role": "idle"}, {"managed-by": "airflow-batchvm"})
     missing = ctx.cloud.wait_status(names, "RUNNING", timeout=60)
     if missing:
         ctx.notes.append(f"P3 pool VMs not RUNNING: {missing}")

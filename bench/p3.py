@@ -292,17 +292,27 @@ def _first_pulls(ctx: Context, variant: str, key: str, t_start: float, seconds: 
 
 
 def _wait_first_checks(ctx: Context, variant: str, n: int, since: float, timeout: float) -> float:
-    if variant in ("null", "stock10"):
+    """Until each wait has made its first liveness check (the prototype: its first shared list)."""
+    if variant in ("null", "stock10", "stock1"):
         return time.time()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ctx.tail.poll()
-        gets = sum(
-            1
-            for e in ctx.tail.events
-            if e["k"] == "http" and e["t"] >= since and "/instances/bvm-p3-" in e.get("p", "")
-        )
-        if gets >= n:
+        if variant == "hub":
+            done = any(
+                e["k"] == "http" and e["t"] >= since and e.get("p", "").endswith("/instances")
+                for e in ctx.tail.events
+            )
+        else:
+            done = (
+                sum(
+                    1
+                    for e in ctx.tail.events
+                    if e["k"] == "http" and e["t"] >= since and "/instances/bvm-p3-" in e.get("p", "")
+                )
+                >= n
+            )
+        if done:
             return time.time()
         time.sleep(1)
     return time.time()
@@ -358,7 +368,7 @@ def _calls_in(ctx: Context, variant: str, t0: float, t1: float) -> dict:
     """Pub/Sub and Compute calls made by the triggerer in [t0, t1], per waiting job and hour."""
     spec = VARIANTS[variant]
     n_window = t1 - t0
-    pulls = acks = gets = shared = collapsed = 0
+    pulls = acks = gets = shared = collapsed = lists = 0
     prefix = (spec.get("status_sub") or spec.get("topic") or "").split("{", 1)[0]
     last_pull: dict[str, float] = {}
     for e in ctx.tail.events:
@@ -379,6 +389,8 @@ def _calls_in(ctx: Context, variant: str, t0: float, t1: float) -> dict:
                 shared += 1
         elif e["k"] == "http" and e.get("m") == "GET" and "/instances/bvm-p3-" in e.get("p", ""):
             gets += 1
+        elif e["k"] == "http" and e.get("m") == "GET" and e.get("p", "").endswith("/instances"):
+            lists += 1
     return {
         "window_seconds": round(n_window, 1),
         "per_job_pulls": pulls,
@@ -386,4 +398,5 @@ def _calls_in(ctx: Context, variant: str, t0: float, t1: float) -> dict:
         "per_job_acks": acks,
         "shared_calls": shared,
         "compute_gets": gets,
+        "compute_lists": lists,
     }

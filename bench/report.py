@@ -403,7 +403,7 @@ def _details(w, r: dict) -> None:
                 f"(no waits: {num(g(x, 'baseline_without_waits', 'cpu_percent_of_one_core'))} %) | "
                 f"{spread(x.get('detection_seconds')) if 'detection_seconds' in x else '–'} | {num(x.get('lost')) if 'lost' in x else '–'} | "
                 f"{num(per_job_hour('per_job_pulls'))} pulls, {num(per_job_hour('per_job_acks'))} acks | {num(per_job_hour('compute_gets'))} | "
-                f"{num(calls.get('shared_calls', 0) / window * 3600)} |"
+                f"{num(calls.get('shared_calls', 0) / window * 3600)} / {num(calls.get('compute_lists', 0) / window * 3600)} |"
             )
         w("")
         w(
