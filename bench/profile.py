@@ -38,7 +38,17 @@ def rss_mib() -> float:
     return 0.0
 
 
+# Frames every sample of an event loop or a worker thread goes through: they say nothing.
+GENERIC = (
+    "Thread.", "_bootstrap", "_worker (", "run (asyncio", "Runner.", "_WorkItem", "BaseEventLoop", "Handle._run",
+    "<module>", "main (", "triggerer_command", "execute_job", "_fork_main", "session.py", "cli.py",
+    "supervisor.py", "TriggerRunner.run", "run_in_process", "memray", "runners.py", "run_until_complete",
+    "TriggerRunner.arun", "_run_once",
+)  # fmt: skip
+
+
 def top_frames(raw: Path, limit: int = 12) -> list[dict]:
+    """Frames by their inclusive share of the samples (generic loop and thread frames left out)."""
     inclusive: Counter = Counter()
     total = 0
     for line in raw.read_text().splitlines():
@@ -48,15 +58,11 @@ def top_frames(raw: Path, limit: int = 12) -> list[dict]:
         n = int(count)
         total += n
         for frame in set(stack.split(";")[1:]):
-            inclusive[frame] += n
-    keep = [
-        (f, n)
-        for f, n in inclusive.most_common(200)
-        if not f.startswith(
-            ("Thread.", "_bootstrap", "_worker", "run (", "_WorkItem", "BaseEventLoop", "Handle.")
-        )
-    ]
-    return [{"frame": f, "share": round(n / total, 3)} for f, n in keep[:limit]] if total else []
+            if not any(g in frame for g in GENERIC):
+                inclusive[frame] += n
+    return (
+        [{"frame": f, "share": round(n / total, 3)} for f, n in inclusive.most_common(limit)] if total else []
+    )
 
 
 async def measure(n: int, out_dir: Path) -> dict:

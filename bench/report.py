@@ -216,9 +216,18 @@ def _summary(w, r: dict) -> None:
         source = "ours: P5's per-minute slope over a whole job"
     share = None if not pulls[2] or pulls[0] is None else pulls[0] / pulls[2]
     share_c = None if not pulls[2] or pulls_c is None else pulls_c / pulls[2]
+    hub_p3 = (r.get("P3", {}) or {}).get("hub", {}) or {}
+    hub_calls = hub_p3.get("calls_idle") or {}
+    hub_pulls = None
+    if hub_calls.get("window_seconds") and hub_p3.get("n"):
+        hub_pulls = (
+            (hub_calls.get("per_job_pulls", 0) + hub_calls.get("shared_calls", 0) / hub_p3["n"])
+            * 3600
+            / hub_calls["window_seconds"]
+        )
     w(
         f"| P1 | pull calls per waiting hour, per job ({source}; stock: {o.get('idle_window_seconds')} s window) | {num(pulls[0])} "
-        f"(without the emulator's instant re-pulls: {num(pulls_c)}) | {num(pulls[1])} | {num(pulls[2])} | "
+        f"(without the emulator's instant re-pulls: {num(pulls_c)}; the prototype: {num(hub_pulls, 2)}) | {num(pulls[1])} | {num(pulls[2])} | "
         f"{times(ratio(pulls[2], pulls[0]))} vs 1 s ({times(ratio(pulls[2], pulls_c))} without) | ≤ 1/30 of stock 1 s (≤ {num(None if not pulls[2] else pulls[2] / 30)}) | "
         f"{met(None if share is None else share <= GOALS['P1_pull_share_of_stock1'])} as measured; "
         f"{met(None if share_c is None else share_c <= GOALS['P1_pull_share_of_stock1'])} without |"
@@ -253,10 +262,20 @@ def _summary(w, r: dict) -> None:
         )
     ours3, hub3, stock3 = p3r.get("ours", {}) or {}, p3r.get("hub", {}) or {}, p3r.get("stock10", {}) or {}
     n3 = ours3.get("n") or hub3.get("n")
-    for label, key, goal, unit in (
+    for x in (ours3, hub3, stock3, p3r.get("null") or {}):
+        tree = x.get("triggerer_tree") or []
+        x["rss_mib_runner"] = next((p["rss_mib"] for p in tree[1:] if "serve-logs" not in p["cmd"]), None)
+    floor = p3r.get("null") or {}
+    rows3 = (
         (
-            "RSS of the triggerer (all its processes) while the waits idle",
+            "RSS of the triggerer, all its processes (supervisor, trigger runner, log server)",
             "rss_mib_idle",
+            GOALS["P3_rss"],
+            " MiB",
+        ),
+        (
+            "RSS of the trigger runner alone (the process the waits live in)",
+            "rss_mib_runner",
             GOALS["P3_rss"],
             " MiB",
         ),
@@ -266,7 +285,10 @@ def _summary(w, r: dict) -> None:
             GOALS["P3_cpu"],
             " %",
         ),
-    ):
+    )
+    for label, key, goal, unit in rows3:
+        if floor.get(key) is not None:
+            label += f"; floor, {floor.get('n')} waits that only sleep: {num(floor.get(key), 0 if unit == ' MiB' else 1)}{unit}"
         vo, vh, vs = ours3.get(key), hub3.get(key), stock3.get(key)
 
         def f(x: float | None, unit: str = unit) -> str:
@@ -550,47 +572,74 @@ def _substitutions(w, r: dict) -> None:
 def _recommendations(w, r: dict) -> None:
     p3r = r.get("P3", {}) or {}
     ours3, hub3 = p3r.get("ours", {}) or {}, p3r.get("hub", {}) or {}
-    p1o = _p1(r).get("ours", {})
     prof = r.get("profile", {}) or {}
-    w("## Findings for the provider (to change in `airflow_batchvm/`, not done by the benchmark)\n")
+    p5 = g(r, "P5", "model_without_instant_repulls", default={}) or {}
+    w("## Findings for the provider (to change in `airflow_batchvm/`; the benchmark changes nothing there)\n")
     if ours3.get("n") and hub3.get("n"):
         w(
-            f"1. **P3: one shared status pull per triggerer process** (prototype in `bench/hub.py`, on Airflow 3.3's "
-            f"shared trigger streams). At N={ours3['n']} on this emulator the shipped design (a pending pull per job) "
-            f"detected with p50 {s(g(ours3, 'detection_seconds', 'p50'))} / p99 {s(g(ours3, 'detection_seconds', 'p99'))} "
-            f"and lost {num(ours3.get('lost'))}; the prototype p50 {s(g(hub3, 'detection_seconds', 'p50'))} / "
-            f"p99 {s(g(hub3, 'detection_seconds', 'p99'))}, lost {num(hub3.get('lost'))}. Idle CPU {num(ours3.get('cpu_percent_of_one_core_idle'))} % → "
-            f"{num(hub3.get('cpu_percent_of_one_core_idle'))} % of one core; RSS {num(ours3.get('rss_mib_idle'), 0)} → {num(hub3.get('rss_mib_idle'), 0)} MiB. "
-            "The change: `BatchVmJobTrigger` becomes a `BaseEventTrigger` whose `shared_stream_key()` is "
-            "(connection, project); `open_shared_stream` creates one subscription of its own on `batch_jobs_status` "
-            "per triggerer process, long-polls it, acks at once and yields `{job_id: [statuses]}` (or an empty tick "
-            "every 10 s); `filter_shared_stream` keeps today's `StatusFilter` rules. The per-job status subscription "
-            "stays as the durable mailbox: each wait pulls it once when it starts (after the shared subscription "
-            "exists) and when its VM is found down, so nothing published before the shared subscription, or while "
-            "another triggerer held the wait, is lost (terminal statuses are never acked there). On Pub/Sub this also "
-            "removes the ~100-streams-per-connection ceiling that 1,000 pending pulls would hit. On Airflow < 3.3 "
-            "`run()` falls back to a stream of its own."
+            f"1. **P3: one shared status pull per triggerer process.** Prototype in `bench/hub.py`. At N={ours3['n']} on "
+            f"this emulator the shipped design (a pending pull per job) detects with p50 {s(g(ours3, 'detection_seconds', 'p50'))} / "
+            f"p99 {s(g(ours3, 'detection_seconds', 'p99'))} (lost {num(ours3.get('lost'))}), the prototype with p50 "
+            f"{s(g(hub3, 'detection_seconds', 'p50'))} / p99 {s(g(hub3, 'detection_seconds', 'p99'))} (lost {num(hub3.get('lost'))}); "
+            f"idle CPU {num(ours3.get('cpu_percent_of_one_core_idle'))} % → {num(hub3.get('cpu_percent_of_one_core_idle'))} % of one core; "
+            f"RSS {num(ours3.get('rss_mib_idle'), 0)} → {num(hub3.get('rss_mib_idle'), 0)} MiB. Part of the shipped design's "
+            "latency is the emulator's (it ignores filters, so each status is delivered to all N subscriptions), but the "
+            "N pending pulls are the design's, and on Pub/Sub they would also meet the ~100 concurrent streams per gRPC "
+            "connection. The change, in `BatchVmJobTrigger`:"
         )
-    spin = g(p1o, "pull_calls_first_2s_after_deferral", "p50") or g(
+        w(
+            "   - make it a `BaseEventTrigger` with `shared_stream_key()` = (connection, project): Airflow 3.3 then runs ONE "
+            "`open_shared_stream` per key and triggerer process, started by the first wait and cancelled after the last;"
+        )
+        w(
+            "   - `open_shared_stream` creates a subscription of its own on `batch_jobs_status` (1-day expiry as a safety "
+            "net, deleted when it ends), long-polls it, acks each batch at once, and hands each status to the wait for its "
+            "`job_id` through a per-process dict of queues. Do not use the stream's fan-out: it wakes every wait for every "
+            "status (a first version of the prototype did; its p99 at N=1000 was 3.8 s);"
+        )
+        w(
+            "   - each wait keeps its per-job status subscription as the durable mailbox and pulls it once when it starts "
+            "(after the shared subscription exists) and when its VM is found down; terminal statuses are never acked "
+            "there, so a status published before the shared pull existed, or while another triggerer held the wait, is "
+            "not lost. `StatusFilter` stays as it is;"
+        )
+        w(
+            '   - liveness: one `instances.list` (filter `labels.managed-by = "airflow-batchvm"`) per zone and half '
+            "interval, shared by the process's waits, and a `get` only for a VM that is not on the list yet;"
+        )
+        w("   - on Airflow < 3.3, `run()` starts the same pull for itself (the prototype does).")
+    spin = g(_p1(r), "ours", "pull_calls_first_2s_after_deferral", "p50") or g(
         r, "P1", "ours", "pull_calls_first_2s_after_start", "p50"
     )
     if spin:
         w(
-            f"2. **A pull loop that spins against the emulator.** The trigger long-polls with "
-            "`timeout=max(0.5, next_check - now)`; the emulator answers a pull whose deadline is 1 s or less at "
-            f"once, empty. So for the first second after deferring, and in the last second before each liveness check, "
-            f"the trigger pulls in a tight loop: a median of {num(spin)} pulls in the first 2 s here, which also "
-            "inflates the per-hour pull counts above. Fix: never pull with less than ~2 s left "
-            "(`await asyncio.sleep(remaining)` instead), and make the first liveness check a few seconds after "
-            "deferring rather than 1 s."
+            "2. **A pull loop that spins against the emulator.** `run()` long-polls with "
+            "`timeout=max(0.5, next_check - now)`, and the emulator answers a pull whose deadline is 1 s or less at once, "
+            "empty. So in the first second after deferring (the first liveness check is at 1 s) and in the last second "
+            f"before each liveness check the trigger pulls in a tight loop: a median of {num(spin)} pulls in the first 2 s "
+            "of a wait here, and most of the as-measured P5 count. Pub/Sub would hold such a pull to its deadline, so it "
+            "costs little there, but the fix is one line: never pull with less than ~2 s left "
+            "(`await asyncio.sleep(remaining)` instead), and make the first liveness check a few seconds after deferring."
         )
     if prof.get("n"):
         w(
-            f"3. **Share the Compute client.** Each wait builds its own `BatchVmHook` and `InstancesClient` on its first "
-            f"liveness check: {num(g(prof, 'before_first', 'cpu_ms_per_check'), 1)} ms of CPU per wait, then "
-            f"{num(g(prof, 'before_steady', 'cpu_ms_per_check'), 1)} ms per check, and a client kept per wait. One hook per "
-            f"process (as `_ASYNC_SUBSCRIBERS` already does for Pub/Sub) costs {num(g(prof, 'after_shared_client_first', 'cpu_ms_per_check'), 1)} ms "
-            f"per check from the first; one `instances.list` per zone and interval for all the waits of a process "
-            f"would make the liveness cost per job nearly nil (and drop P5's per-minute Compute calls to 1/N)."
+            f"3. **Share the Compute client and batch the liveness checks.** Each wait builds its own `BatchVmHook` and "
+            f"`InstancesClient` on its first check ({num(g(prof, 'before_first', 'cpu_ms_per_check'), 1)} ms of CPU and "
+            f"{num((g(prof, 'before_first', 'rss_mib_added') or 0) * 1024 / prof['n'], 0)} KiB kept per wait, over "
+            f"{prof['n']} waits), then {num(g(prof, 'before_steady', 'cpu_ms_per_check'), 1)} ms per check. One hook per process "
+            f"brings the first check to {num(g(prof, 'after_shared_client_first', 'cpu_ms_per_check'), 1)} ms and keeps nothing "
+            f"per wait; one `instances.list` per zone answers every wait for {num(g(prof, 'after_one_list_per_zone', 'cpu_ms_per_check'), 3)} ms "
+            "each, and turns P5's one Compute call per job and minute into one per zone and minute."
+        )
+    a = g(p5, "ours", "vm_side", "total", "per_minute")
+    b = g(p5, "ours", "airflow_side", "total", "per_minute")
+    if a is not None and b is not None:
+        w(
+            f"4. **P5's per-minute calls.** Without the emulator's instant re-pulls a job still costs {num(b, 1)} calls a "
+            f"minute on the Airflow side and {num(a, 1)} on its VM: the trigger's 30 s long polls and its ack of every "
+            "heartbeat, one liveness `get`; on the VM a lease extension every 20 s (ack deadline 60 s) and a RUNNING "
+            'heartbeat every 30 s. To reach "≤ 20 + one liveness check a minute": the shared pull of finding 1 (no '
+            "per-job pull or ack while waiting), a lease of 600 s extended every 200 s, a heartbeat every 5 minutes "
+            "(and the heartbeat timeout at 15 minutes), and liveness batched as in finding 3."
         )
     w("")
