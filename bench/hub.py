@@ -207,6 +207,8 @@ class SharedPullBatchVmJobTrigger(BaseEventTrigger):
                     continue
                 if not received:
                     continue
+                # bench only: when the statuses reached the triggerer (delivery vs dispatch)
+                emit("hub_recv", jobs=[item.message.attributes.get("job_id", "") for item in received])
                 await client.acknowledge(
                     request={"subscription": name, "ack_ids": [m.ack_id for m in received]}
                 )

@@ -128,6 +128,7 @@ def run_variant(
     detection: dict[str, float] = {}
     wrong: dict[str, str] = {}
     published: dict[str, float] = {}
+    probe = _Probe(ctx) if variant in ("ours", "hub") else None
     if variant != "null":
         order = sorted(keys)
         random.Random(7).shuffle(order)
@@ -163,6 +164,12 @@ def run_variant(
                 break
             time.sleep(0.5)
     peak = max(rss_samples)
+    probe_result = probe.stop(published) if probe else None
+    received_at: dict[str, float] = {}
+    for e in ctx.tail.events:
+        if e["k"] == "hub_recv":
+            for job in e.get("jobs", []):
+                received_at.setdefault(job, e["t"])
     try:
         ctx.airflow.fail_run(f"bench_p3_{variant}", run_id)
     except Exception as exc:
@@ -190,11 +197,19 @@ def run_variant(
             "lost": n - len(detection),
             "wrong_status": len(wrong),
             "deadline_seconds": deadline_seconds,
+            "emulator_delivery_seconds": probe_result,
+            "shared_pull_received_seconds": summary(
+                received_at[k] - t for k, t in published.items() if k in received_at
+            )
+            if received_at
+            else None,
         }
     return result
 
 
-def run_detection(ctx: Context, variants: tuple[str, ...], n: int, idle_seconds: float) -> dict:
+def run_detection(
+    ctx: Context, variants: tuple[str, ...], n: int, idle_seconds: float, first_checks: bool = True
+) -> dict:
     """P1's detection batch: n waits of each chain at once in the triggerer, each FINISHED published at
     a random moment of a 10 s window (the same moments for every chain); publish call → trigger yields.
     Also the pull calls each chain's waits make per waiting hour, over an idle window first."""
@@ -216,7 +231,7 @@ def run_detection(ctx: Context, variants: tuple[str, ...], n: int, idle_seconds:
         time.sleep(0.5)
     t_all = max(started.values(), default=time.time())
     ctx.log(f"P1 batch: {len(started)}/{len(keys)} waits running {t_all - t_trigger:.0f} s after triggering")
-    if "ours" in variants or "hub" in variants:
+    if first_checks and ("ours" in variants or "hub" in variants):
         _wait_first_checks(
             ctx, "ours", n * sum(v in ("ours", "hub") for v in variants), t_trigger, timeout=60
         )
@@ -275,6 +290,50 @@ def run_detection(ctx: Context, variants: tuple[str, ...], n: int, idle_seconds:
             ctx.log(f"P1 batch {variant}: could not end the run: {exc}")
         clean(ctx, variant, n)
     return out
+
+
+class _Probe:
+    """The emulator's own delivery latency at this fan-out: publish call → a plain pull of one more
+    subscription on ``batch_jobs_status`` gets the message (in the harness, not in Airflow)."""
+
+    def __init__(self, ctx: Context) -> None:
+        import threading
+
+        self.ctx = ctx
+        self.name = f"bench-probe-{uuid.uuid4().hex[:6]}"
+        ctx.cloud.create_subscriptions([(self.name, "batch_jobs_status")])
+        self.seen: dict[str, float] = {}
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="bench-probe", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from google.api_core import exceptions as gexc
+
+        sub = self.ctx.cloud.subscriber
+        path = self.ctx.cloud.subscription(self.name)
+        while not self.stopping.is_set():
+            try:
+                response = sub.pull(subscription=path, max_messages=1000, timeout=5, retry=None)
+            except gexc.DeadlineExceeded:
+                continue
+            except Exception:
+                time.sleep(0.5)
+                continue
+            now = time.time()
+            for item in response.received_messages:
+                self.seen.setdefault(item.message.attributes.get("job_id", ""), now)
+            if response.received_messages:
+                try:
+                    sub.acknowledge(subscription=path, ack_ids=[m.ack_id for m in response.received_messages])
+                except Exception:
+                    pass
+
+    def stop(self, published: dict[str, float]) -> dict:
+        self.stopping.set()
+        self.thread.join(timeout=10)
+        self.ctx.cloud.delete_subscriptions([self.name])
+        return summary(self.seen[k] - t for k, t in published.items() if k in self.seen)
 
 
 def _first_pulls(ctx: Context, variant: str, key: str, t_start: float, seconds: float = 2.0) -> int:

@@ -207,7 +207,14 @@ ADMIN = {"CreateSubscription", "DeleteSubscription", "CreateTopic", "DeleteTopic
 
 
 def classify(events: list[dict]) -> dict[str, int]:
-    counts = {"pubsub_admin": 0, "pubsub_publish": 0, "pubsub_pull": 0, "pubsub_ack": 0, "compute": 0}
+    counts = {
+        "pubsub_admin": 0,
+        "pubsub_publish": 0,
+        "pubsub_pull": 0,
+        "pubsub_ack": 0,
+        "pubsub_modack": 0,
+        "compute": 0,
+    }
     detail: dict[str, int] = {}
     instant = 0
     last_pull: dict[str, float] = {}
@@ -224,6 +231,7 @@ def classify(events: list[dict]) -> dict[str, int]:
                 "pubsub_admin" if m in ADMIN
                 else "pubsub_publish" if m == "Publish"
                 else "pubsub_pull" if m in ("Pull", "StreamingPull")
+                else "pubsub_modack" if m == "ModifyAckDeadline"
                 else "pubsub_ack"
             )  # fmt: skip
             counts[key] += 1
@@ -329,17 +337,29 @@ def _model(out: dict, durations: tuple[float, float], drop_instant: bool = False
         for side in ("airflow_side", "vm_side"):
             if not a.get(side) or not b.get(side):
                 continue
-            entry = {}
-            for key in ("pubsub_admin", "pubsub_publish", "pubsub_pull", "pubsub_ack", "compute", "total"):
-                c1, c2 = a[side][key], b[side][key]
-                if drop_instant and key in ("pubsub_pull", "total"):
+            entry: dict[str, dict] = {}
+            for key in (
+                "pubsub_admin",
+                "pubsub_publish",
+                "pubsub_pull",
+                "pubsub_ack",
+                "pubsub_modack",
+                "compute",
+            ):
+                c1, c2 = a[side].get(key, 0), b[side].get(key, 0)
+                if drop_instant and key == "pubsub_pull":
                     c1, c2 = c1 - a[side].get("instant_repulls", 0), c2 - b[side].get("instant_repulls", 0)
+                # a count that falls with a longer job is noise: no per-minute part, the mean as fixed
                 per_minute = max(0.0, (c2 - c1) / ((t2 - t1) / 60))
-                fixed = max(0.0, c1 - per_minute * t1 / 60)
+                fixed = (c1 + c2) / 2 if per_minute == 0 else max(0.0, c1 - per_minute * t1 / 60)
                 entry[key] = {
                     "fixed": round(fixed, 1),
                     "per_minute": round(per_minute, 2),
                     "ten_minute_job": round(fixed + per_minute * 10, 1),
                 }
+            entry["total"] = {
+                k: round(sum(v[k] for v in entry.values()), 2 if k == "per_minute" else 1)
+                for k in ("fixed", "per_minute", "ten_minute_job")
+            }
             model.setdefault(scenario, {})[side] = entry
     return model

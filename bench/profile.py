@@ -43,7 +43,8 @@ GENERIC = (
     "Thread.", "_bootstrap", "_worker (", "run (asyncio", "Runner.", "_WorkItem", "BaseEventLoop", "Handle._run",
     "<module>", "main (", "triggerer_command", "execute_job", "_fork_main", "session.py", "cli.py",
     "supervisor.py", "TriggerRunner.run", "run_in_process", "memray", "runners.py", "run_until_complete",
-    "TriggerRunner.arun", "_run_once",
+    "TriggerRunner.arun", "_run_once", "run_command_with_daemon_option", "TriggerRunnerSupervisor.start",
+    "providers_configuration_loaded", "run_job (", "lazy_load_command",
 )  # fmt: skip
 
 
