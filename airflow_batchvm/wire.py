@@ -3,8 +3,8 @@
 Both the provider and the worker agent import this module; it imports nothing else of the project
 and nothing of Airflow, so it installs on a bare VM image.
 
-Messages are JSON in ``data``; their routing keys (``job_id``, ``attempt``, and ``status`` for
-status messages) are also Pub/Sub attributes so that subscriptions can filter on them. Unknown
+Messages are JSON in ``data``; their routing keys (``job_id``, ``attempt``, ``task_index``, and
+``status`` for status messages) are also Pub/Sub attributes so that subscriptions can filter on them. Unknown
 fields are ignored. A message of a newer ``schema_version`` is refused with
 :class:`UnsupportedSchemaVersion`; any other malformed message raises :class:`MalformedMessage`.
 Consumers log and drop both; they never crash on them.
@@ -18,7 +18,15 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 SCHEMA_VERSION = 1
 
@@ -42,6 +50,14 @@ VM_NAME_PATTERN = r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"
 LABEL_KEY_PATTERN = r"^[a-z][-_a-z0-9]{0,62}$"
 LABEL_VALUE_PATTERN = r"^[-_a-z0-9]{0,63}$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# A job of N tasks runs on N VMs, each with two subscriptions and a wait of its own in the
+# triggerer; past a hundred, shard over mapped tasks instead (or use Cloud Batch).
+MAX_TASK_COUNT = 100
+# Set by the agent in every container: which of the job's tasks this is (as Cloud Batch's
+# BATCH_TASK_INDEX / BATCH_TASK_COUNT).
+TASK_INDEX_ENV = "BATCHVM_TASK_INDEX"
+TASK_COUNT_ENV = "BATCHVM_TASK_COUNT"
+RESERVED_ENV = frozenset({"JOB_DATA", TASK_INDEX_ENV, TASK_COUNT_ENV})
 
 
 class WireError(ValueError):
@@ -94,10 +110,16 @@ class _Message(BaseModel):
 
 
 class JobSpec(_Message):
-    """A job on ``batch_jobs``: what to run, once, on the VM bound to ``job_id``."""
+    """A job on ``batch_jobs``: what to run, once, on the VM bound to ``job_id`` (and ``task_index``).
+
+    A job of ``task_count`` N is published as N messages, one per ``task_index``, each taken by a
+    VM of its own.
+    """
 
     job_id: JobId
     attempt: int = Field(default=1, ge=1)
+    task_index: int = Field(default=0, ge=0)
+    task_count: int = Field(default=1, ge=1, le=MAX_TASK_COUNT)
     image: str = Field(min_length=1)
     command: list[StrictStr] | None = None
     args: list[StrictStr] = []
@@ -119,9 +141,15 @@ class JobSpec(_Message):
         for name in env:
             if not re.match(ENV_NAME_PATTERN, name):
                 raise ValueError(f"{name!r} is not a valid environment variable name")
-            if name == "JOB_DATA":
-                raise ValueError("JOB_DATA is reserved for the payload")
+            if name in RESERVED_ENV:
+                raise ValueError(f"{name} is set by the agent (reserved: {', '.join(sorted(RESERVED_ENV))})")
         return env
+
+    @model_validator(mode="after")
+    def _index_within_count(self) -> JobSpec:
+        if self.task_index >= self.task_count:
+            raise ValueError(f"task_index {self.task_index} is not below task_count {self.task_count}")
+        return self
 
     @field_validator("payload")
     @classmethod
@@ -140,7 +168,10 @@ class JobSpec(_Message):
         return labels
 
     def attributes(self) -> dict[str, str]:
-        return {"job_id": self.job_id, "attempt": str(self.attempt)}
+        return {"job_id": self.job_id, "attempt": str(self.attempt), "task_index": str(self.task_index)}
+
+    def for_task(self, task_index: int) -> JobSpec:
+        return self.model_copy(update={"task_index": task_index})
 
     @property
     def job_data(self) -> str:
@@ -156,13 +187,17 @@ class LegacyJob(BaseModel):
     job_id: str
     process_type: str = Field(min_length=1, pattern=r"^[a-z0-9][a-z0-9._-]*$")
     sleep_time: int = Field(default=0, ge=0)
-    vm_count: int = Field(default=1, ge=1)
+    vm_count: int = Field(default=1, ge=1, le=MAX_TASK_COUNT)
 
     def to_job_spec(self, registry: str, attempt: int = 1) -> JobSpec:
-        """``process_type`` names an image in ``registry``; the whole message is the payload, as before."""
+        """``process_type`` names an image in ``registry``; the whole message is the payload, as before.
+
+        ``vm_count`` becomes ``task_count``: the job runs on that many VMs, each with its index.
+        """
         return JobSpec(
             job_id=self.job_id,
             attempt=attempt,
+            task_count=self.vm_count,
             image=f"{registry.rstrip('/')}/{self.process_type}:latest",
             env={"SLEEP_TIME": str(self.sleep_time)},
             payload=self.model_dump(),
@@ -174,6 +209,7 @@ class StatusMessage(_Message):
 
     job_id: str = Field(min_length=1)
     attempt: int = Field(default=1, ge=1)
+    task_index: int = Field(default=0, ge=0)
     status: Status
     vm_name: str = ""
     zone: str = ""
@@ -190,7 +226,12 @@ class StatusMessage(_Message):
         return tail.encode()[-MAX_LOG_TAIL_BYTES:].decode(errors="ignore")
 
     def attributes(self) -> dict[str, str]:
-        return {"job_id": self.job_id, "attempt": str(self.attempt), "status": self.status.value}
+        return {
+            "job_id": self.job_id,
+            "attempt": str(self.attempt),
+            "task_index": str(self.task_index),
+            "status": self.status.value,
+        }
 
 
 def parse_job(data: bytes, registry: str = "") -> JobSpec:

@@ -27,7 +27,7 @@ def test_job_round_trips_with_routing_attributes():
         labels={"team": "data"},
     )
     data, attributes = spec.to_pubsub()
-    assert attributes == {"job_id": "extract-1a2b", "attempt": "2"}
+    assert attributes == {"job_id": "extract-1a2b", "attempt": "2", "task_index": "0"}
     assert parse_job(data) == spec
     assert JobSpec.from_pubsub(data) == spec
 
@@ -38,7 +38,7 @@ def test_status_round_trips_and_keeps_the_earlier_fields():
         reason="container exited with code 3", log_tail="a\nb\n",
     )
     data, attributes = status.to_pubsub()
-    assert attributes == {"job_id": "j1", "attempt": "1", "status": "FAILED"}
+    assert attributes == {"job_id": "j1", "attempt": "1", "task_index": "0", "status": "FAILED"}
     obj = json.loads(data)
     assert {"job_id", "status", "vm_name"} <= obj.keys()  # what the earlier status logger reads
     assert StatusMessage.from_pubsub(data) == status
@@ -91,7 +91,7 @@ def test_payload_over_the_limit_is_refused():
 
 
 def test_job_data_is_reserved_and_env_names_checked():
-    with pytest.raises(ValueError, match="JOB_DATA is reserved"):
+    with pytest.raises(ValueError, match="JOB_DATA is set by the agent"):
         JobSpec(job_id="a", image="x", env={"JOB_DATA": "1"})
     with pytest.raises(ValueError, match="not a valid environment variable name"):
         JobSpec(job_id="a", image="x", env={"A B": "1"})
@@ -106,3 +106,31 @@ def test_log_tail_is_capped_to_its_end():
 
 def test_terminal_statuses():
     assert {s for s in Status if s.terminal} == {Status.FINISHED, Status.FAILED, Status.PREEMPTED}
+
+
+def test_a_multi_task_job_is_one_message_per_index():
+    spec = JobSpec(job_id="shard-1", image="img", task_count=4)
+    third = spec.for_task(2)
+    data, attributes = third.to_pubsub()
+    assert attributes == {"job_id": "shard-1", "attempt": "1", "task_index": "2"}
+    assert JobSpec.from_pubsub(data) == third
+    with pytest.raises(ValueError, match="task_index 4 is not below task_count 4"):
+        spec.for_task(4).model_validate(spec.for_task(4).model_dump())
+    with pytest.raises(ValueError, match="less than or equal to 100"):
+        JobSpec(job_id="shard-1", image="img", task_count=101)
+    with pytest.raises(ValueError, match="BATCHVM_TASK_INDEX is set by the agent"):
+        JobSpec(job_id="shard-1", image="img", env={"BATCHVM_TASK_INDEX": "3"})
+
+
+def test_the_earlier_vm_count_becomes_the_task_count():
+    legacy = b'{"job_id": "0f3c9a", "process_type": "sleep_test", "vm_count": 3}'
+    spec = parse_job(legacy, registry="localhost")
+    assert (spec.task_index, spec.task_count) == (0, 3)
+
+
+def test_a_status_carries_its_task_index():
+    status = StatusMessage(job_id="j1", task_index=3, status=Status.FINISHED, exit_code=0)
+    data, attributes = status.to_pubsub()
+    assert attributes["task_index"] == "3"
+    assert StatusMessage.from_pubsub(data).task_index == 3
+    assert StatusMessage.from_pubsub(b'{"job_id": "j1", "status": "FINISHED"}').task_index == 0  # earlier agents
