@@ -147,7 +147,8 @@ def collect_garbage(
     report.subscriptions_seen = len(subscriptions)
     for subscription in subscriptions:
         name = _short(subscription.name)
-        job_id = name.removeprefix("batchvm-job-").removeprefix("batchvm-status-")
+        # The label, since a task's subscriptions (``batchvm-job-JOB-tI``) carry more than the job id.
+        job_id = subscription.labels.get(JOB_ID_LABEL) or name.removeprefix("batchvm-job-").removeprefix("batchvm-status-")
         item = GcItem("subscription", name, "", job_id=job_id)
         if job_id in jobs_with_vm:
             item.reason = "its job's VM still exists"

@@ -143,7 +143,11 @@ async def run_deferred(operator, context) -> Any:
             result = await asyncio.to_thread(step)
         except TaskDeferred as deferred:
             deferrals += 1
-            event = await deferred.trigger.run().asend(None)
+            # Rebuilt from its serialized form, as the triggerer does.
+            _classpath, kwargs = deferred.trigger.serialize()
+            trigger = type(deferred.trigger)(**kwargs)
+            trigger.earliest_event_seconds = 0.0  # it holds off a race of Airflow's scheduler, absent here
+            event = await trigger.run().asend(None)
             step = partial(getattr(operator, deferred.method_name), context, event.payload, **(deferred.kwargs or {}))
             continue
         assert deferrals, f"the operator did not defer; it returned {result!r}"

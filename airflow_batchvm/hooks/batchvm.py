@@ -71,27 +71,47 @@ class VmInsertError(RuntimeError):
 
 @dataclass(frozen=True)
 class JobNames:
-    """Everything named after a job id, in one place."""
+    """Everything named after a job id (and, in a multi-task job, a task index), in one place.
+
+    Each task of a multi-task job has names of its own (``JOB-tI``): its own job subscription, so
+    that its message has its own lease and redelivery, and its own status subscription and VMs.
+    """
 
     project_id: str
     job_id: str
+    task_index: int | None = None
+
+    def task(self, task_index: int) -> JobNames:
+        return JobNames(self.project_id, self.job_id, task_index)
+
+    @property
+    def stem(self) -> str:
+        return self.job_id if self.task_index is None else f"{self.job_id}-t{self.task_index}"
 
     @property
     def vm_name(self) -> str:
         return self.vm_name_for(1)
 
     def vm_name_for(self, vm_attempt: int) -> str:
-        """The first VM of a job is ``bvm-JOB``; a replacement for a lost one is ``bvm-JOB-rN``."""
-        return f"bvm-{self.job_id}" if vm_attempt <= 1 else f"bvm-{self.job_id}-r{vm_attempt}"
+        """The first VM of a job is ``bvm-JOB`` (``bvm-JOB-tI`` for task I); a replacement is ``...-rN``."""
+        return f"bvm-{self.stem}" if vm_attempt <= 1 else f"bvm-{self.stem}-r{vm_attempt}"
 
-    def binding_metadata(self, attempt: int) -> dict[str, str]:
+    def binding_metadata(self, attempt: int, task_count: int = 1) -> dict[str, str]:
         """The VM metadata that binds a VM to this job: what its agent reads (docs/ARCHITECTURE.md)."""
-        return {
+        binding = {
             "batchvm-job-id": self.job_id,
             "batchvm-attempt": str(attempt),
             "batchvm-job-subscription": short_name(self.job_subscription),
             "batchvm-status-topic": short_name(self.status_topic),
         }
+        if self.task_index is not None:
+            binding |= {"batchvm-task-index": str(self.task_index), "batchvm-task-count": str(task_count)}
+        return binding
+
+    @property
+    def subscription_filter(self) -> str:
+        job = f'attributes.job_id = "{self.job_id}"'
+        return job if self.task_index is None else f'{job} AND attributes.task_index = "{self.task_index}"'
 
     @property
     def job_topic(self) -> str:
@@ -103,11 +123,11 @@ class JobNames:
 
     @property
     def job_subscription(self) -> str:
-        return f"projects/{self.project_id}/subscriptions/batchvm-job-{self.job_id}"
+        return f"projects/{self.project_id}/subscriptions/batchvm-job-{self.stem}"
 
     @property
     def status_subscription(self) -> str:
-        return f"projects/{self.project_id}/subscriptions/batchvm-status-{self.job_id}"
+        return f"projects/{self.project_id}/subscriptions/batchvm-status-{self.stem}"
 
 
 def short_name(path: str) -> str:
@@ -161,11 +181,12 @@ class BatchVmHook(GoogleBaseHook):
     # -- Pub/Sub -------------------------------------------------------------------------------
 
     def create_job_subscriptions(self, names: JobNames) -> None:
-        """Create the job and status subscriptions, filtered on the job id, before anything is published.
+        """Create the job and status subscriptions, filtered on the job id (and task index), before
+        anything is published.
 
         Idempotent, so a retried task that got this far before does not fail on "already exists".
         """
-        job_filter = f'attributes.job_id = "{names.job_id}"'
+        job_filter = names.subscription_filter
         for name, topic, deadline in (
             (names.job_subscription, names.job_topic, JOB_ACK_DEADLINE_SECONDS),
             (names.status_subscription, names.status_topic, STATUS_ACK_DEADLINE_SECONDS),
@@ -183,6 +204,7 @@ class BatchVmHook(GoogleBaseHook):
                             "managed-by": "airflow-batchvm",
                             "batchvm-job-id": names.job_id,
                             "batchvm-created": str(int(time.time())),
+                            **({} if names.task_index is None else {"batchvm-task-index": str(names.task_index)}),
                         },
                     },
                     retry=API_RETRY,
@@ -373,10 +395,15 @@ class BatchVmAsyncHook(GoogleBaseAsyncHook):
 
     async def delete_job(self, names: JobNames, zone: str, vm_name: str) -> None:
         """Delete the job's VM and subscriptions: the cleanup for a task killed while deferred."""
+        await self.delete_vm(zone, vm_name, names.project_id)
+        await self.delete_subscriptions(names)
+
+    async def delete_vm(self, zone: str, vm_name: str, project_id: str) -> None:
         sync_hook = await self.get_sync_hook()
-        await asyncio.to_thread(
-            sync_hook.delete_vm, project_id=names.project_id, zone=zone, vm_name=vm_name, wait=False
-        )
+        await asyncio.to_thread(sync_hook.delete_vm, project_id=project_id, zone=zone, vm_name=vm_name, wait=False)
+
+    async def delete_subscriptions(self, names: JobNames) -> None:
+        sync_hook = await self.get_sync_hook()
         await asyncio.to_thread(sync_hook.delete_job_subscriptions, names)
 
     async def _subscriber(self) -> SubscriberAsyncClient:

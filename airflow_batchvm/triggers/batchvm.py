@@ -41,6 +41,10 @@ MAX_PULL_SECONDS = 30.0
 # Shorter pulls are answered at once, empty (seen on the emulator at 1 s and less; the benchmark
 # counted thousands of such pulls an hour), so a liveness check may come up to this much late.
 MIN_PULL_SECONDS = 2.0
+# An event is held until this long after the watch began: Airflow 3.3 can fail a task whose trigger
+# fires within about 2 s of deferring (apache/airflow#71580), and a retried task that reattaches
+# to a job that already ended would otherwise hit that on every try.
+EARLIEST_EVENT_SECONDS = 5.0
 
 
 @dataclass
@@ -52,15 +56,20 @@ class StatusFilter:
     is acked and ignored, as is one from an earlier VM of this attempt (a preempted VM's last words
     must not end its replacement's wait); a malformed one is logged and dropped; and the first
     terminal status of this VM wins. Duplicates and out-of-order arrivals change nothing.
+
+    The timeline steps it finds wait in ``steps`` until :meth:`log_steps`, so that the watcher can
+    first log when the VM came up: a fast job may report STARTED before the VM was looked at.
     """
 
     job_id: str
     attempt: int
     vm_name: str = ""
     submitted_at: float | None = None
+    task_index: int = 0
     started: StatusMessage | None = None
     last_heard: float | None = None  # monotonic time of this VM's latest status
     ack_ids: list[str] = field(default_factory=list)
+    steps: list[tuple[str, str, float]] = field(default_factory=list)
 
     def take(self, received: Sequence[ReceivedMessage], log: Any) -> StatusMessage | None:
         terminal: StatusMessage | None = None
@@ -78,6 +87,7 @@ class StatusFilter:
             if (
                 status.job_id != self.job_id
                 or status.attempt != self.attempt
+                or status.task_index != self.task_index
                 or (self.vm_name and status.vm_name and status.vm_name != self.vm_name)
             ):
                 self.ack_ids.append(item.ack_id)
@@ -88,19 +98,27 @@ class StatusFilter:
                 # then a restarted triggerer must be able to see this status again.
                 if terminal is None:
                     terminal = status
-                    log_step(log, status.status.value, _outcome(status, self.started), self.submitted_at,
-                             status.time.timestamp())
+                    self.steps.append((status.status.value, _outcome(status, self.started), status.time.timestamp()))
                 continue
             self.ack_ids.append(item.ack_id)
             if status.status is Status.STARTED and self.started is None:
                 self.started = status
-                log_step(log, "STARTED", f"on {status.vm_name} ({status.zone})", self.submitted_at,
-                         status.time.timestamp())
+                self.steps.append(("STARTED", f"on {status.vm_name} ({status.zone})", status.time.timestamp()))
         return terminal
+
+    def log_steps(self, log: Any) -> None:
+        for step, detail, at in sorted(self.steps, key=lambda s: s[2]):
+            log_step(log, step, detail, self.submitted_at, at)
+        self.steps.clear()
 
     def drain_acks(self) -> list[str]:
         ack_ids, self.ack_ids = self.ack_ids, []
         return ack_ids
+
+
+async def _hold_until(earliest: float) -> None:
+    if earliest > time.monotonic():
+        await asyncio.sleep(earliest - time.monotonic())
 
 
 def _timestamp(rfc3339: str) -> float | None:
@@ -157,7 +175,11 @@ class BatchVmJobTrigger(BaseTrigger):
         RUNNING every 30 s by default); ``None`` to rely on VM liveness alone.
     :param submitted_at: when the job was submitted (epoch seconds): the start of the startup
         timeout, which thus survives a triggerer restart, and of the timeline in the task log.
+    :param task_index: which task of a multi-task job this VM runs (``None`` for a single-task job).
     """
+
+    # Not a field: only a wait in a real triggerer needs it (see EARLIEST_EVENT_SECONDS).
+    earliest_event_seconds = EARLIEST_EVENT_SECONDS
 
     def __init__(
         self,
@@ -173,6 +195,7 @@ class BatchVmJobTrigger(BaseTrigger):
         startup_timeout_seconds: float = 900.0,
         heartbeat_timeout_seconds: float | None = 300.0,
         submitted_at: float | None = None,
+        task_index: int | None = None,
     ) -> None:
         super().__init__()
         self.job_id = job_id
@@ -186,7 +209,9 @@ class BatchVmJobTrigger(BaseTrigger):
         self.startup_timeout_seconds = startup_timeout_seconds
         self.heartbeat_timeout_seconds = heartbeat_timeout_seconds
         self.submitted_at = submitted_at
+        self.task_index = task_index
         self._vm_state = ""
+        self._running_logged = False
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -203,19 +228,27 @@ class BatchVmJobTrigger(BaseTrigger):
                 "startup_timeout_seconds": self.startup_timeout_seconds,
                 "heartbeat_timeout_seconds": self.heartbeat_timeout_seconds,
                 "submitted_at": self.submitted_at,
+                "task_index": self.task_index,
             },
         )
 
     @property
     def names(self) -> JobNames:
-        return JobNames(self.project_id, self.job_id)
+        return JobNames(self.project_id, self.job_id, self.task_index)
 
     def _hook(self) -> BatchVmAsyncHook:
         return BatchVmAsyncHook(gcp_conn_id=self.gcp_conn_id, impersonation_chain=self.impersonation_chain)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        event = await self.watch()
+        await _hold_until(self._earliest_event)
+        yield TriggerEvent(event)
+
+    async def watch(self) -> dict[str, Any]:
+        """The event's payload, once there is one: what :meth:`run` yields, and a task group awaits."""
         hook = self._hook()
-        statuses = StatusFilter(self.job_id, self.attempt, self.vm_name, self.submitted_at)
+        self._earliest_event = time.monotonic() + self.earliest_event_seconds
+        statuses = StatusFilter(self.job_id, self.attempt, self.vm_name, self.submitted_at, self.task_index or 0)
         # Measured from submission, so a triggerer restart does not reset it; but a restarted watcher
         # first gives a running job the time to send a heartbeat (its STARTED was acked already).
         since_submission = time.time() - self.submitted_at if self.submitted_at else 0.0
@@ -235,20 +268,20 @@ class BatchVmJobTrigger(BaseTrigger):
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
+            if statuses.steps and not self._running_logged:
+                await self._observe_vm(hook, running_only=True)
+            statuses.log_steps(self.log)
             if terminal:
-                yield TriggerEvent(status_event(self.project_id, terminal, statuses.started))
-                return
+                return status_event(self.project_id, terminal, statuses.started)
             silent = self._silence(statuses, startup_deadline)
             if silent:
-                yield TriggerEvent(silent)
-                return
+                return silent
             if time.monotonic() >= next_check:
                 lost = await self._vm_lost(hook, statuses)
                 interval = self.liveness_check_seconds if self._vm_state == "RUNNING" else BOOT_CHECK_SECONDS
                 next_check = time.monotonic() + min(self.liveness_check_seconds, interval)
                 if lost:
-                    yield TriggerEvent(lost)
-                    return
+                    return lost
 
     def _silence(self, statuses: StatusFilter, startup_deadline: float) -> dict[str, Any] | None:
         """A job that never started, or that stopped talking, ends the wait instead of hanging it."""
@@ -268,12 +301,7 @@ class BatchVmJobTrigger(BaseTrigger):
 
     async def _vm_lost(self, hook: BatchVmAsyncHook, statuses: StatusFilter) -> dict[str, Any] | None:
         """A VM that is down or gone gets one last look for its final status before we call it lost."""
-        vm = await hook.get_vm(project_id=self.project_id, zone=self.zone, vm_name=self.vm_name)
-        state = vm.status if vm else "DELETED"
-        if state != self._vm_state:
-            self._vm_state = state
-            since = _timestamp(vm.last_start_timestamp) if vm and state == "RUNNING" else None
-            log_step(self.log, f"VM {state.lower()}", self.vm_name, self.submitted_at, since)
+        state = await self._observe_vm(hook)
         if state not in VM_DOWN_STATES and state != "DELETED":
             return None
         # The agent publishes before it powers off: anything it said is on the subscription, though
@@ -288,10 +316,25 @@ class BatchVmJobTrigger(BaseTrigger):
                 await asyncio.sleep(1.0)
                 continue
             terminal = statuses.take(received, self.log)
+            statuses.log_steps(self.log)
         if terminal:
             return status_event(self.project_id, terminal, statuses.started)
         reason = f"VM {self.vm_name} is {state} and its job reported no terminal status"
         return vm_lost_event(self.names, self.attempt, self.vm_name, self.zone, reason, statuses.started)
+
+    async def _observe_vm(self, hook: BatchVmAsyncHook, running_only: bool = False) -> str:
+        """The VM's state; the timeline gets when it came up, and (unless ``running_only``) each change."""
+        vm = await hook.get_vm(project_id=self.project_id, zone=self.zone, vm_name=self.vm_name)
+        state = vm.status if vm else "DELETED"
+        started_at = _timestamp(vm.last_start_timestamp) if vm else None
+        if not self._running_logged and (state == "RUNNING" or started_at):
+            self._running_logged = True
+            log_step(self.log, "VM running", self.vm_name, self.submitted_at, started_at)
+        if not running_only and state != self._vm_state:
+            if state != "RUNNING":
+                log_step(self.log, f"VM {state.lower()}", self.vm_name, self.submitted_at)
+            self._vm_state = state
+        return state
 
     async def on_kill(self) -> None:
         """The user killed the deferred task (mark failed, clear): leave no VM or subscription behind.
@@ -307,6 +350,133 @@ class BatchVmJobTrigger(BaseTrigger):
         cleanup.add_done_callback(_CLEANUPS.discard)
         await asyncio.shield(cleanup)
         self.log.info("Deleted VM %s and the job's subscriptions", self.vm_name)
+
+
+class BatchVmTasksTrigger(BaseTrigger):
+    """Watches the running tasks of a multi-task job, one :class:`BatchVmJobTrigger` per task.
+
+    Fires with every task that ended (``tasks``: index → that task's event) once the task needs
+    to act: a task failed or lost its VM, or one finished while others wait for a free slot
+    (``wake_on_finish``), or all ended. Tasks that merely finish are otherwise collected, so a job
+    of N tasks costs as few task resumes as possible.
+
+    :param tasks: the running tasks: ``{"task_index", "zone", "vm_name"}`` each.
+    :param task_count: the job's number of tasks (all of whose subscriptions ``on_kill`` deletes).
+    :param wake_on_finish: whether tasks wait for a slot, so that a finished task should wake the task.
+    """
+
+    earliest_event_seconds = EARLIEST_EVENT_SECONDS
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        attempt: int,
+        project_id: str,
+        tasks: list[dict[str, Any]],
+        task_count: int,
+        wake_on_finish: bool,
+        gcp_conn_id: str = "google_cloud_default",
+        impersonation_chain: str | Sequence[str] | None = None,
+        liveness_check_seconds: float = 60.0,
+        startup_timeout_seconds: float = 900.0,
+        heartbeat_timeout_seconds: float | None = 300.0,
+        submitted_at: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.job_id = job_id
+        self.attempt = attempt
+        self.project_id = project_id
+        self.tasks = tasks
+        self.task_count = task_count
+        self.wake_on_finish = wake_on_finish
+        self.gcp_conn_id = gcp_conn_id
+        self.impersonation_chain = impersonation_chain
+        self.liveness_check_seconds = liveness_check_seconds
+        self.startup_timeout_seconds = startup_timeout_seconds
+        self.heartbeat_timeout_seconds = heartbeat_timeout_seconds
+        self.submitted_at = submitted_at
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "job_id": self.job_id,
+                "attempt": self.attempt,
+                "project_id": self.project_id,
+                "tasks": self.tasks,
+                "task_count": self.task_count,
+                "wake_on_finish": self.wake_on_finish,
+                "gcp_conn_id": self.gcp_conn_id,
+                "impersonation_chain": self.impersonation_chain,
+                "liveness_check_seconds": self.liveness_check_seconds,
+                "startup_timeout_seconds": self.startup_timeout_seconds,
+                "heartbeat_timeout_seconds": self.heartbeat_timeout_seconds,
+                "submitted_at": self.submitted_at,
+            },
+        )
+
+    def watcher(self, task: dict[str, Any]) -> BatchVmJobTrigger:
+        watcher = BatchVmJobTrigger(
+            job_id=self.job_id,
+            attempt=self.attempt,
+            project_id=self.project_id,
+            zone=task["zone"],
+            vm_name=task["vm_name"],
+            gcp_conn_id=self.gcp_conn_id,
+            impersonation_chain=self.impersonation_chain,
+            liveness_check_seconds=self.liveness_check_seconds,
+            startup_timeout_seconds=self.startup_timeout_seconds,
+            heartbeat_timeout_seconds=self.heartbeat_timeout_seconds,
+            submitted_at=self.submitted_at,
+            task_index=task["task_index"],
+        )
+        watcher._log = self.log  # its lines belong in this task's log
+        return watcher
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        earliest = time.monotonic() + self.earliest_event_seconds
+        watches = {
+            asyncio.ensure_future(self.watcher(task).watch()): task["task_index"] for task in self.tasks
+        }
+        ended: dict[str, dict[str, Any]] = {}
+        try:
+            pending = set(watches)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    ended[str(watches[future])] = future.result()
+                needs_task = any(e["status"] != Status.FINISHED for e in ended.values()) or (
+                    self.wake_on_finish and ended
+                )
+                if needs_task:
+                    break
+        finally:
+            for future in watches:
+                future.cancel()
+        await _hold_until(earliest)
+        yield TriggerEvent({"job_id": self.job_id, "attempt": self.attempt, "project_id": self.project_id, "tasks": ended})
+
+    async def on_kill(self) -> None:
+        """The user killed the deferred task: delete the running tasks' VMs and every task's subscriptions."""
+        names = JobNames(self.project_id, self.job_id)
+        hook = self._hook()
+        self.log.info("Task killed while waiting: deleting %d VMs and the job's subscriptions", len(self.tasks))
+        cleanup = asyncio.ensure_future(
+            asyncio.wait_for(
+                asyncio.gather(
+                    *(hook.delete_vm(task["zone"], task["vm_name"], self.project_id) for task in self.tasks),
+                    *(hook.delete_subscriptions(names.task(i)) for i in range(self.task_count)),
+                ),
+                timeout=120,
+            )
+        )
+        _CLEANUPS.add(cleanup)
+        cleanup.add_done_callback(_CLEANUPS.discard)
+        await asyncio.shield(cleanup)
+
+    def _hook(self) -> BatchVmAsyncHook:
+        return BatchVmAsyncHook(gcp_conn_id=self.gcp_conn_id, impersonation_chain=self.impersonation_chain)
 
 
 # Cleanups in flight, referenced so that they are not collected before they finish.

@@ -9,7 +9,8 @@ About apache/airflow#71580: a trigger that fires within about 2 s of deferring c
 scheduler mark the task FAILED. Here a trigger cannot fire that early: the job it waits for boots a
 VM, starts the agent and a container and sleeps 2 s (the pipeline) or 3 s (the single job, from
 `conf`), about 4 s after the task defers at the least. Each task is asserted to have succeeded at
-its first try, so if the race ever shows up, the test names it instead of hiding it behind a retry.
+its first try, unless the scheduler logged the race for that very task instance (seen once in CI on a
+loaded 2-core machine): then its retry must have succeeded, and the test says so.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import struct
 import subprocess
 import time
@@ -136,13 +138,27 @@ def runs(airflow):
     )  # fmt: skip
 
 
-def _diagnose(airflow, runs) -> str:
-    """What to look at when a run did not succeed: the sampled states and the scheduler's last words."""
-    race = [
+def _race_lines(airflow) -> list[str]:
+    return [
         line
         for line in airflow.log_path("scheduler").read_text(errors="replace").splitlines()
-        if "finished with state success" in line or "state attribute is queued" in line
+        if "finished with state success, but the task instance's state attribute is" in line
     ]
+
+
+def _raced(airflow) -> set[tuple[str, str, int]]:
+    """The task instances that apache/airflow#71580 hit, by the scheduler's own words about them."""
+    found = set()
+    for line in _race_lines(airflow):
+        match = re.search(r"<TaskInstance: ([\w.-]+)\.([\w.-]+) \S+ (?:map_index=(\d+) )?\[", line)
+        if match:
+            found.add((match[1], match[2], int(match[3]) if match[3] else -1))
+    return found
+
+
+def _diagnose(airflow, runs) -> str:
+    """What to look at when a run did not succeed: the sampled states and the scheduler's last words."""
+    race = _race_lines(airflow)
     hint = f"\napache/airflow#71580 (trigger fired too soon after deferring) seen:\n{race}" if race else ""
     return f"states sampled: {json.dumps({'/'.join(map(str, k)): v for k, v in runs.seen.items()})}{hint}"
 
@@ -158,8 +174,18 @@ def test_rest_runs_succeed_with_their_waits_in_the_real_triggerer(airflow, runs)
     assert runs.triggered[SINGLE]["conf"] == SINGLE_CONF
 
     tis = {dag_id: api.task_instances(dag_id, run_id) for dag_id, run_id in runs.run_ids.items()}
+    # A second try is allowed only where the scheduler itself logged the Airflow race for that very
+    # task instance (it then fails the try that had succeeded; the task's retry runs the job again).
+    raced = _raced(airflow)
+    if raced:
+        print(f"apache/airflow#71580 hit {sorted(raced)}: their second try is expected")
+
+    def first_try_or_raced(dag_id: str, ti: dict) -> int:
+        explained = (dag_id, ti["task_id"], ti["map_index"]) in raced and ti["try_number"] == 2
+        return 1 if explained else ti["try_number"]
+
     by_task = {
-        dag_id: sorted((ti["task_id"], ti["map_index"], ti["state"], ti["try_number"]) for ti in rows)
+        dag_id: sorted((ti["task_id"], ti["map_index"], ti["state"], first_try_or_raced(dag_id, ti)) for ti in rows)
         for dag_id, rows in tis.items()
     }
     assert by_task == {

@@ -12,7 +12,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import compute_v1
 from google.pubsub_v1.types import PubsubMessage, ReceivedMessage
 
-from airflow_batchvm.triggers.batchvm import VM_LOST, BatchVmJobTrigger
+from airflow_batchvm.triggers.batchvm import VM_LOST, BatchVmJobTrigger, BatchVmTasksTrigger
 from airflow_batchvm.wire import Status, StatusMessage
 
 CLASSPATH = "airflow_batchvm.triggers.batchvm.BatchVmJobTrigger"
@@ -42,6 +42,13 @@ def short_final_look(monkeypatch):
     monkeypatch.setattr("airflow_batchvm.triggers.batchvm.FINAL_LOOK_SECONDS", 0.2)
 
 
+@pytest.fixture(autouse=True)
+def no_hold(monkeypatch):
+    """The hold guards a race of Airflow's scheduler (none here); one test below checks it."""
+    monkeypatch.setattr(BatchVmJobTrigger, "earliest_event_seconds", 0.0)
+    monkeypatch.setattr(BatchVmTasksTrigger, "earliest_event_seconds", 0.0)
+
+
 @pytest.fixture
 def hook():
     with mock.patch("airflow_batchvm.triggers.batchvm.BatchVmAsyncHook", autospec=True) as cls:
@@ -69,6 +76,7 @@ def test_serialize_is_exact():
             "startup_timeout_seconds": 900.0,
             "heartbeat_timeout_seconds": 300.0,
             "submitted_at": 1764777600.5,
+            "task_index": None,
         },
     )
     _, kwargs = trigger.serialize()
@@ -224,3 +232,110 @@ async def test_on_kill_finishes_its_cleanup_even_when_airflow_cancels_it(hook):
         await killing
     await asyncio.sleep(0.5)
     assert done == ["bvm-job-1"]
+
+
+async def test_an_event_is_held_until_the_wait_is_a_few_seconds_old(hook, monkeypatch):
+    monkeypatch.setattr(BatchVmJobTrigger, "earliest_event_seconds", 0.5)
+    hook.pull_statuses.return_value = [received(status(Status.FINISHED, exit_code=0), "f")]
+    started = time.monotonic()
+    event = await make_trigger().run().asend(None)
+    assert event.payload["status"] == "FINISHED"
+    assert time.monotonic() - started >= 0.5
+
+
+async def test_the_timeline_shows_the_vm_up_before_a_start_reported_before_it_was_looked_at(hook):
+    hook.get_vm.return_value = compute_v1.Instance(
+        name="bvm-job-1", status="RUNNING", last_start_timestamp="2026-12-03T10:00:01+00:00"
+    )
+    hook.pull_statuses.side_effect = [
+        [received(status(Status.STARTED), "s")],
+        [received(status(Status.FINISHED, exit_code=0), "f")],
+    ]
+    trigger = make_trigger(liveness_check_seconds=600.0)
+    trigger._log = mock.Mock()
+    await trigger.run().asend(None)
+    steps = [c.args[3].strip() for c in trigger.log.info.call_args_list if c.args[0].startswith("batchvm |")]
+    assert steps == ["VM running", "STARTED", "FINISHED"]
+
+
+def task_status(index: int, kind: Status, **fields) -> StatusMessage:
+    return StatusMessage(job_id="job-1", attempt=2, task_index=index, status=kind, vm_name=f"bvm-job-1-t{index}",
+                         zone="z", **fields)
+
+
+def make_tasks_trigger(**overrides):
+    kwargs = {
+        "job_id": "job-1", "attempt": 2, "project_id": "p", "task_count": 3, "wake_on_finish": False,
+        "tasks": [{"task_index": i, "zone": "z", "vm_name": f"bvm-job-1-t{i}"} for i in (0, 1)],
+    }
+    return BatchVmTasksTrigger(**{**kwargs, **overrides})
+
+
+def scripted_by_task(hook, script: dict[int, list]):
+    """Each task's subscription gets its own scripted pulls (then nothing, slowly)."""
+
+    async def pull(names, timeout):
+        queue = script.get(names.task_index, [])
+        if queue:
+            return queue.pop(0)
+        await asyncio.sleep(0.05)
+        return []
+
+    hook.pull_statuses.side_effect = pull
+    hook.get_vm.side_effect = lambda **kw: compute_v1.Instance(name=kw["vm_name"], status="RUNNING")
+
+
+def test_tasks_serialize_is_exact():
+    assert make_tasks_trigger(submitted_at=1.5).serialize() == (
+        "airflow_batchvm.triggers.batchvm.BatchVmTasksTrigger",
+        {
+            "job_id": "job-1",
+            "attempt": 2,
+            "project_id": "p",
+            "tasks": [{"task_index": 0, "zone": "z", "vm_name": "bvm-job-1-t0"},
+                      {"task_index": 1, "zone": "z", "vm_name": "bvm-job-1-t1"}],
+            "task_count": 3,
+            "wake_on_finish": False,
+            "gcp_conn_id": "google_cloud_default",
+            "impersonation_chain": None,
+            "liveness_check_seconds": 60.0,
+            "startup_timeout_seconds": 900.0,
+            "heartbeat_timeout_seconds": 300.0,
+            "submitted_at": 1.5,
+        },
+    )
+
+
+async def test_tasks_that_finish_are_collected_until_all_ended(hook):
+    scripted_by_task(hook, {
+        0: [[received(task_status(0, Status.FINISHED, exit_code=0), "a")]],
+        1: [[], [], [received(task_status(1, Status.FINISHED, exit_code=0), "b")]],
+    })
+    event = await make_tasks_trigger().run().asend(None)
+    assert sorted(event.payload["tasks"]) == ["0", "1"]
+    assert {e["task_index"] for e in event.payload["tasks"].values()} == {0, 1}
+
+
+async def test_a_finished_task_wakes_the_task_when_others_wait_for_a_slot(hook):
+    scripted_by_task(hook, {0: [[received(task_status(0, Status.FINISHED, exit_code=0), "a")]]})
+    event = await make_tasks_trigger(wake_on_finish=True).run().asend(None)
+    assert list(event.payload["tasks"]) == ["0"]
+
+
+async def test_a_failed_task_ends_the_wait_at_once_and_another_tasks_status_is_not_taken_for_its_own(hook):
+    scripted_by_task(hook, {
+        # index 0's subscription also sees index 1's status (the emulator does not filter)
+        0: [[received(task_status(1, Status.FAILED, exit_code=3), "x")]],
+        1: [[received(task_status(1, Status.FAILED, exit_code=3), "b")]],
+    })
+    event = await make_tasks_trigger().run().asend(None)
+    assert list(event.payload["tasks"]) == ["1"]
+    assert event.payload["tasks"]["1"]["exit_code"] == 3
+
+
+async def test_tasks_on_kill_deletes_running_vms_and_every_tasks_subscriptions(hook):
+    await make_tasks_trigger().on_kill()
+    assert sorted(c.args[1] for c in hook.delete_vm.await_args_list) == ["bvm-job-1-t0", "bvm-job-1-t1"]
+    assert sorted(c.args[0].status_subscription for c in hook.delete_subscriptions.await_args_list) == [
+        f"projects/p/subscriptions/batchvm-status-job-1-t{i}" for i in range(3)
+    ]
