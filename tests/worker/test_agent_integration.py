@@ -14,6 +14,7 @@ import pytest
 
 from airflow_batchvm import wire
 from batchvm_agent import testhooks
+from tests.conftest import PROJECT
 
 from .conftest import leftover_containers
 
@@ -48,6 +49,7 @@ def test_job_succeeds_reports_started_then_finished_and_acks(worker, tmp_path):
         assert received.attributes == {
             "job_id": w.job_id,
             "attempt": "1",
+            "task_index": "0",
             "status": received.status.status.value,
         }
         assert (received.status.vm_name, received.status.zone) == (w.vm_name, "local-a")
@@ -56,6 +58,7 @@ def test_job_succeeds_reports_started_then_finished_and_acks(worker, tmp_path):
     # JOB_DATA reached the container byte-for-byte: no shell on the way interpreted anything.
     expected = f"Starting Job: {spec.job_data}\n".encode()
     assert expected in run.stdout  # streamed to the agent's stdout (the VM's serial console)
+    assert expected + b"Task 0 of 1\n" in run.stdout  # a single-task job is task 0 of 1
     assert f"Starting Job: {spec.job_data}" in done.log_tail
     assert done.log_tail.rstrip().endswith("Job finished.")
     assert powered_off.exists()
@@ -113,6 +116,38 @@ def test_messages_for_other_jobs_and_older_attempts_are_acked_and_ignored(worker
     assert 'Starting Job: {"who":"me"}' in done.log_tail
     assert b'"who":"other"' not in run.stdout and b'"who":"stale"' not in run.stdout
     w.assert_acked()  # all three acked
+
+
+def test_agent_runs_only_its_own_task_of_a_multi_task_job(worker):
+    w = worker()
+    w.attribute("batchvm-task-index", "1")
+    w.attribute("batchvm-task-count", "2")
+    # Index 0's VM has a subscription of its own on the same topic; the emulator gives it every
+    # message too (no filters), so it shows what index 0's VM would still find there.
+    other_sub = w.subscriber.subscription_path(PROJECT, f"{w.job_sub_name}-t0")
+    w.subscriber.create_subscription(name=other_sub, topic=w.job_topic, ack_deadline_seconds=10)
+    try:
+        job = w.spec(task_count=2, payload={"who": "task"})
+        w.publish(job.for_task(0))
+        w.publish(job.for_task(1))
+        w.start_agent()
+        run = w.wait_agent()
+        assert run.returncode == 0, run.stderr
+        done = terminal(w)
+        assert w.kinds() == ["STARTED", "FINISHED"]
+        for received in w.statuses:
+            assert received.status.task_index == 1 and received.attributes["task_index"] == "1"
+        assert b"Task 1 of 2\n" in run.stdout and "Task 1 of 2" in done.log_tail
+        assert run.stdout.count(b"Starting Job:") == 1  # index 0's message ran nowhere here
+        assert "it is for task 0 of job" in run.stderr
+        assert leftover_containers(w.job_id) == []
+        w.assert_acked()  # our message, and index 0's copy on our subscription (ignored)
+
+        left = w.subscriber.pull(subscription=other_sub, max_messages=10, timeout=10).received_messages
+        indexes = sorted(wire.parse_job(m.message.data).task_index for m in left)
+        assert 0 in indexes, indexes  # still there for index 0's VM
+    finally:
+        w.subscriber.delete_subscription(subscription=other_sub)
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 from google.api_core import exceptions as gexc
@@ -42,12 +43,17 @@ def test_argv_names_env_values_but_never_contains_them():
         "-e",
         "JOB_DATA",
         "-e",
+        "BATCHVM_TASK_INDEX",
+        "-e",
+        "BATCHVM_TASK_COUNT",
+        "-e",
         "A",
         "-e",
         "SLEEP_TIME",
         "localhost/sleep_test:latest",
     ]
     assert env["JOB_DATA"] == job.job_data == as_json({"text": TRICKY_VALUE})
+    assert (env["BATCHVM_TASK_INDEX"], env["BATCHVM_TASK_COUNT"]) == ("0", "1")  # a single-task job
     assert env["A"] == TRICKY_VALUE and env["SLEEP_TIME"] == "3" and env["PATH"] == "/usr/bin"
     joined = "\0".join(argv)
     assert "touch" not in joined and TRICKY_VALUE not in joined and "3" not in argv
@@ -68,6 +74,10 @@ def test_argv_cli_and_run_args_are_split_words_and_command_follows_kubernetes_me
         "--network=none",
         "-e",
         "JOB_DATA",
+        "-e",
+        "BATCHVM_TASK_INDEX",
+        "-e",
+        "BATCHVM_TASK_COUNT",
         "--entrypoint",
         "sh",
         "localhost/sleep_test:latest",
@@ -78,6 +88,29 @@ def test_argv_cli_and_run_args_are_split_words_and_command_follows_kubernetes_me
     ]
     argv, _ = container.build_run(["docker"], [], "c3", spec(args=["x"]), {})
     assert argv[-2:] == ["localhost/sleep_test:latest", "x"] and "--entrypoint" not in argv
+
+
+def test_task_index_and_count_reach_the_environment_never_the_argv():
+    job = spec(task_index=7, task_count=9)
+    base = {"BATCHVM_TASK_INDEX": "inherited", "BATCHVM_TASK_COUNT": "inherited"}
+    argv, env = container.build_run(["docker"], [], "c", job, base)
+    assert (env["BATCHVM_TASK_INDEX"], env["BATCHVM_TASK_COUNT"]) == ("7", "9")
+    assert "7" not in argv and "9" not in argv and not any("=" in a for a in argv)
+    assert argv.count("BATCHVM_TASK_INDEX") == argv.count("BATCHVM_TASK_COUNT") == 1
+
+
+@pytest.mark.parametrize("name", sorted(wire.RESERVED_ENV))
+def test_env_names_the_agent_sets_are_refused_even_past_the_wire_check(name):
+    job = spec().model_copy(update={"env": {name: "x"}})  # model_copy skips JobSpec's own validation
+    with pytest.raises(container.JobRefused, match=f"{name} is set by the agent"):
+        container.build_run(["docker"], [], "c", job, {})
+
+
+def test_container_names_differ_per_task_and_run():
+    names = {container.container_name("job-1", 2, i) for i in (0, 1, 1)}
+    assert len(names) == 3
+    assert all(n.startswith("batchvm-job-1-a2-t") for n in names)
+    assert sum(n.startswith("batchvm-job-1-a2-t1-") for n in names) == 2
 
 
 def test_empty_payload_is_an_empty_job_data():
@@ -101,7 +134,8 @@ def test_nul_in_an_env_value_is_refused_not_crashed():
 FAKE_CLI = textwrap.dedent(
     """
     import json, os, sys, time
-    record = {"argv": sys.argv[1:], "JOB_DATA": os.environ.get("JOB_DATA"), "A": os.environ.get("A")}
+    names = ("JOB_DATA", "A", "BATCHVM_TASK_INDEX", "BATCHVM_TASK_COUNT")
+    record = {"argv": sys.argv[1:], "env": {k: os.environ.get(k) for k in names}}
     with open(os.environ["FAKE_CLI_RECORD"], "a") as f:
         f.write(json.dumps(record) + "\\n")
     if sys.argv[1] == "kill":
@@ -140,13 +174,14 @@ def test_runner_passes_values_through_the_environment_without_a_shell(fake_cli, 
 
     monkeypatch.setattr(container.subprocess, "Popen", spy)
     out = _Sink()
-    job = spec(payload={"v": value}, env={"A": value})
+    job = spec(payload={"v": value}, env={"A": value}, task_index=1, task_count=2)
     result = container.ContainerRunner(cli, ["--network=none"], out=out).run(job, "name-1")
     assert result.exit_code == 0 and result.reason is None and result.succeeded
     (argv,), kwargs = popen_calls[0]
     assert isinstance(argv, list) and not kwargs.get("shell")
     [rec] = records()
-    assert rec["JOB_DATA"] == job.job_data and rec["A"] == value  # byte-for-byte
+    assert rec["env"]["JOB_DATA"] == job.job_data and rec["env"]["A"] == value  # byte-for-byte
+    assert (rec["env"]["BATCHVM_TASK_INDEX"], rec["env"]["BATCHVM_TASK_COUNT"]) == ("1", "2")
     assert rec["argv"][:4] == ["run", "--rm", "--name", "name-1"]
     assert all(value not in a and "pwned" not in a for a in rec["argv"])
     assert not marker.exists()
@@ -233,6 +268,121 @@ def test_route_by_job_id_attribute_then_data():
     assert r({"job_id": "job-1", "attempt": "x"}, b"", "job-1", 1)[0] is jobsource.Route.MINE
 
 
+def test_route_by_task_index_attribute_then_data():
+    r, R = jobsource.route, jobsource.Route
+    mine = {"job_id": "job-1", "attempt": "1"}
+    assert r({**mine, "task_index": "1"}, b"", "job-1", 1, task_index=1) == (R.MINE, 1)
+    # Another VM's task: acked and ignored here, whatever its attempt (the filter never shows it).
+    assert r({**mine, "task_index": "0"}, b"", "job-1", 1, task_index=1)[0] is R.OTHER_TASK
+    assert r({**mine, "attempt": "9", "task_index": "0"}, b"", "job-1", 1, task_index=1)[0] is R.OTHER_TASK
+    data = json.dumps({"job_id": "job-1", "image": "x", "task_index": 2, "task_count": 3}).encode()
+    assert r({}, data, "job-1", 1, task_index=1)[0] is R.OTHER_TASK
+    assert r({}, data, "job-1", 1, task_index=2) == (R.MINE, 1)
+    # No index anywhere (the earlier designs' formats): this VM's index, as a missing attempt is.
+    assert r(mine, b"{}", "job-1", 1, task_index=1) == (R.MINE, 1)
+    legacy = json.dumps({"job_id": "job-1", "process_type": "sleep_test", "vm_count": 2}).encode()
+    assert r({}, legacy, "job-1", 1, task_index=1) == (R.MINE, 1)
+    # An unreadable index on our job is MINE, so that interpret() reports it; on another job, not ours.
+    for bad in ({**mine, "task_index": "x"}, {**mine, "task_index": "-1"}):
+        assert r(bad, b"", "job-1", 1, task_index=1)[0] is R.MINE
+    assert r({"job_id": "job-1"}, b'{"task_index": "1"}', "job-1", 1)[0] is R.MINE
+    assert r({"job_id": "job-2", "task_index": "x"}, b"", "job-1", 1)[0] is R.OTHER_JOB
+
+
+def test_interpret_gives_the_vms_task_index_and_count():
+    data, attributes = spec(task_index=1, task_count=3).to_pubsub()
+    job = jobsource.interpret(attributes, data, "job-1", 1, "", task_index=1, task_count=3)
+    assert (job.task_index, job.task_count) == (1, 3)
+    # The VM's metadata count wins; without one, the message's count holds.
+    assert jobsource.interpret(attributes, data, "job-1", 1, "", 1, 4).task_count == 4
+    assert jobsource.interpret(attributes, data, "job-1", 1, "", 1, None).task_count == 3
+    # An index-less message is this VM's task.
+    plain = json.dumps({"job_id": "job-1", "image": "x"}).encode()
+    job = jobsource.interpret({"job_id": "job-1"}, plain, "job-1", 1, "", task_index=2, task_count=3)
+    assert (job.task_index, job.task_count) == (2, 3)
+    legacy = json.dumps({"job_id": "job-1", "process_type": "sleep_test", "vm_count": 2}).encode()
+    job = jobsource.interpret({}, legacy, "job-1", 1, "localhost", task_index=0, task_count=None)
+    assert (job.task_index, job.task_count) == (0, 2)  # vm_count, as the VM's metadata has no count
+    job = jobsource.interpret({}, legacy, "job-1", 1, "localhost", task_index=1, task_count=2)
+    assert (job.task_index, job.task_count) == (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("attributes", "data", "match"),
+    [
+        (
+            {"task_index": "1"},
+            json.dumps({"job_id": "job-1", "image": "x", "task_index": 0, "task_count": 2}).encode(),
+            "task_index attribute 1 does not match task_index 0 in the data",
+        ),
+        ({"task_index": "x"}, json.dumps({"job_id": "job-1", "image": "x"}).encode(), "not an integer"),
+        ({"task_index": "-1"}, json.dumps({"job_id": "job-1", "image": "x"}).encode(), "negative"),
+        ({}, json.dumps({"job_id": "job-1", "image": "x", "task_index": "1"}).encode(), "not an integer"),
+        ({}, json.dumps({"job_id": "job-1", "image": "x", "task_index": True}).encode(), "not an integer"),
+        ({"task_index": "0"}, json.dumps({"job_id": "job-1", "image": "x"}).encode(), "not this VM's"),
+        (
+            {},
+            json.dumps({"job_id": "job-1", "image": "x", "task_index": 1, "task_count": 1}).encode(),
+            "not below task_count",
+        ),
+    ],
+    ids=[
+        "data-mismatch",
+        "bad-attr",
+        "negative-attr",
+        "string-data",
+        "bool-data",
+        "other-index",
+        "index>=count",
+    ],
+)
+def test_unusable_task_index_raises_wire_errors(attributes, data, match):
+    with pytest.raises(wire.WireError, match=match):
+        jobsource.interpret(attributes, data, "job-1", 1, "", task_index=1, task_count=2)
+
+
+class QueueSubscriber:
+    """Serves queued messages one per pull, and records acks."""
+
+    def __init__(self, messages):
+        self.queue = [
+            SimpleNamespace(
+                ack_id=f"ack-{i}",
+                message=SimpleNamespace(message_id=f"m{i}", attributes=attrs, data=data),
+            )
+            for i, (data, attrs) in enumerate(messages)
+        ]
+        self.acked: list[str] = []
+
+    def pull(self, subscription, max_messages, timeout, retry):
+        if not self.queue:
+            raise gexc.DeadlineExceeded("empty")
+        return SimpleNamespace(received_messages=[self.queue.pop(0)])
+
+    def acknowledge(self, subscription, ack_ids):
+        self.acked += ack_ids
+
+
+def test_job_source_acks_and_ignores_other_tasks_and_takes_its_own():
+    job = spec(task_count=2, payload={"i": 0})
+    sub = QueueSubscriber([job.for_task(0).to_pubsub(), job.for_task(1).to_pubsub()])
+    source = jobsource.JobSource(sub, "projects/p/subscriptions/s", "job-1", 1, task_index=1, task_count=2)
+    taken = source.take(5, threading.Event())
+    assert isinstance(taken, jobsource.Taken) and taken.ack_id == "ack-1"
+    assert (taken.spec.task_index, taken.spec.task_count) == (1, 2)
+    assert sub.acked == ["ack-0"]  # index 0's copy on this subscription; its own keeps it
+
+
+def test_job_source_reports_a_bad_task_index_as_unusable():
+    data, _ = spec().to_pubsub()
+    sub = QueueSubscriber([(data, {"job_id": "job-1", "attempt": "1", "task_index": "one"})])
+    source = jobsource.JobSource(sub, "projects/p/subscriptions/s", "job-1", 1, task_index=1, task_count=2)
+    taken = source.take(5, threading.Event())
+    assert isinstance(taken, jobsource.Taken) and taken.spec is None
+    assert "task_index attribute 'one' is not an integer" in taken.error
+    assert sub.acked == []  # held, to be acked after its FAILED status
+
+
 def test_legacy_message_maps_to_the_registry_image():
     legacy = {"job_id": "job-1", "process_type": "sleep_test", "sleep_time": 5, "vm_count": 2}
     job = jobsource.interpret({}, json.dumps(legacy).encode(), "job-1", 2, "europe-docker.pkg.dev/p/jobs/")
@@ -304,9 +454,17 @@ def test_status_publish_retries_through_an_outage():
     assert message_id == "6" and len(client.calls) == 6
     data, attrs, retry = client.calls[-1]
     assert retry is None  # one retry policy: ours
-    assert attrs == {"job_id": "job-1", "attempt": "2", "status": "FINISHED"}
+    assert attrs == {"job_id": "job-1", "attempt": "2", "task_index": "0", "status": "FINISHED"}
     msg = wire.StatusMessage.from_pubsub(data)
     assert (msg.vm_name, msg.zone, msg.exit_code, msg.log_tail) == ("bvm-job-1", "zone-a", 0, "ok")
+
+
+def test_status_carries_the_vms_task_index():
+    client = FlakyPublisher(failures=0)
+    publisher = status.StatusPublisher(client, "projects/p/topics/t", "job-1", 2, "vm", "z", task_index=3)
+    publisher.publish(wire.Status.STARTED)
+    data, attrs, _ = client.calls[0]
+    assert attrs["task_index"] == "3" and wire.StatusMessage.from_pubsub(data).task_index == 3
 
 
 def test_status_publish_gives_up_after_its_deadline_and_on_permanent_errors():
@@ -404,6 +562,55 @@ def test_binding_defaults_and_missing_job(md_server):
     with pytest.raises(metadata.BindingError, match="batchvm-job-id") as exc:
         metadata.read_binding(client, wait_seconds=5)
     assert exc.value.partial["project"] == "proj"
+
+
+@pytest.mark.parametrize(
+    ("index", "count", "expected"),
+    [(None, None, (0, None)), ("1", "2", (1, 2)), (" 0 ", "3", (0, 3)), ("0", None, (0, None))],
+)
+def test_binding_reads_the_task_index_and_count(md_server, index, count, expected):
+    for key, value in {
+        "project/project-id": "proj",
+        "instance/name": "vm",
+        "instance/zone": "projects/42/zones/z",
+        "instance/attributes/batchvm-job-id": "job-1",
+        "instance/attributes/batchvm-job-subscription": "s",
+        "instance/attributes/batchvm-status-topic": "t",
+        "instance/attributes/batchvm-task-index": index,
+        "instance/attributes/batchvm-task-count": count,
+    }.items():
+        md_server.set(key, value)
+    b = metadata.read_binding(metadata.MetadataClient(md_server.host), wait_seconds=5)
+    assert (b.task_index, b.task_count) == expected
+
+
+@pytest.mark.parametrize(
+    ("index", "count", "match"),
+    [
+        ("-1", "2", "batchvm-task-index='-1' is not a non-negative integer"),
+        ("one", "2", "batchvm-task-index='one' is not a non-negative integer"),
+        ("0", "0", "batchvm-task-count='0' is not a positive integer"),
+        ("0", "2.5", "batchvm-task-count='2.5' is not a positive integer"),
+        ("2", "2", "batchvm-task-index=2 is not below batchvm-task-count=2"),
+        ("1", None, r"batchvm-task-index=1 is not below batchvm-task-count=1 \(absent\)"),
+    ],
+)
+def test_binding_refuses_a_bad_task_index_or_count(md_server, index, count, match):
+    for key, value in {
+        "project/project-id": "proj",
+        "instance/name": "vm",
+        "instance/zone": "projects/42/zones/z",
+        "instance/attributes/batchvm-job-id": "job-1",
+        "instance/attributes/batchvm-attempt": "2",
+        "instance/attributes/batchvm-job-subscription": "s",
+        "instance/attributes/batchvm-status-topic": "t",
+        "instance/attributes/batchvm-task-index": index,
+        "instance/attributes/batchvm-task-count": count,
+    }.items():
+        md_server.set(key, value)
+    with pytest.raises(metadata.BindingError, match=match) as exc:
+        metadata.read_binding(metadata.MetadataClient(md_server.host), wait_seconds=5)
+    assert exc.value.partial["attempt"] == 2 and exc.value.partial["job_id"] == "job-1"
 
 
 def test_metadata_wait_is_bounded():

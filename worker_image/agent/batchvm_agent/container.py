@@ -2,9 +2,10 @@
 
 The CLI is a setting (``docker`` on a Compute Engine VM, a podman command line locally), so the
 runner only ever builds an argv list for ``CLI run``. Job data never appears in that argv: the
-payload (``JOB_DATA``) and the job's ``env`` are put in the CLI's own environment and named with
-``-e NAME``, which docker and podman both read from their environment. So no value is parsed by
-a shell, shown by ``ps``, or split on spaces; quotes, ``$(...)`` and newlines arrive byte-for-byte.
+payload (``JOB_DATA``), the task's index and count (``BATCHVM_TASK_INDEX``, ``BATCHVM_TASK_COUNT``)
+and the job's ``env`` are put in the CLI's own environment and named with ``-e NAME``, which
+docker and podman both read from their environment. So no value is parsed by a shell, shown by
+``ps``, or split on spaces; quotes, ``$(...)`` and newlines arrive byte-for-byte.
 
 ``command``/``args`` follow the Kubernetes meaning that the names come from: ``command``
 replaces the image's ENTRYPOINT (``--entrypoint`` takes its first word, the rest follows the
@@ -47,13 +48,15 @@ class JobRefused(ValueError):
     """The job cannot be run as specified; the message says why."""
 
 
-def container_name(job_id: str, attempt: int) -> str:
-    """Unique per run, so a leftover container of an earlier try never collides."""
-    return f"batchvm-{job_id}-a{attempt}-{secrets.token_hex(4)}"
+def container_name(job_id: str, attempt: int, task_index: int = 0) -> str:
+    """Unique per run, so neither a leftover of an earlier try nor another task of the job collides."""
+    return f"batchvm-{job_id}-a{attempt}-t{task_index}-{secrets.token_hex(4)}"
 
 
 def check_env_names(names) -> None:
     for name in names:
+        if name in wire.RESERVED_ENV:
+            raise JobRefused(f"env {name} is set by the agent")
         if name in RESERVED_ENV_NAMES or name.startswith(RESERVED_ENV_PREFIXES):
             raise JobRefused(
                 f"env {name} cannot be passed to the container: it would reconfigure the container CLI itself"
@@ -70,8 +73,11 @@ def build_run(
     check_env_names(spec.env)
     env = dict(base_env)
     env["JOB_DATA"] = spec.job_data
+    env[wire.TASK_INDEX_ENV] = str(spec.task_index)
+    env[wire.TASK_COUNT_ENV] = str(spec.task_count)
     env.update(spec.env)
     argv = [*cli, "run", "--rm", "--name", name, *run_args, "-e", "JOB_DATA"]
+    argv += ["-e", wire.TASK_INDEX_ENV, "-e", wire.TASK_COUNT_ENV]
     for env_name in spec.env:
         argv += ["-e", env_name]
     command = list(spec.command or [])

@@ -8,9 +8,10 @@ the container runs, a :class:`Lease` keeps extending the ack deadline, because P
 The pull is a synchronous long poll (``return_immediately`` stays false): the emulator and the
 service hold an empty pull open for a while instead of letting us spin.
 
-Pub/Sub drops other jobs' messages through the subscription filter; the emulator does not apply
-filters, so every message is routed here too (:func:`route`): other jobs' and older attempts'
-messages are acked and ignored, exactly what the service's filter would have done.
+Pub/Sub drops other jobs' and other task indexes' messages through the subscription filter; the
+emulator does not apply filters, so every message is routed here too (:func:`route`): other jobs',
+other task indexes' and older attempts' messages are acked and ignored, exactly what the service's
+filter would have done.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ TRANSIENT_ERRORS = (
 
 class Route(enum.Enum):
     OTHER_JOB = "other job"  # not ours: ack and ignore
+    OTHER_TASK = "other task"  # our job, another task index (another VM's): ack and ignore
     STALE = "stale attempt"  # ours, from an older attempt: ack and ignore
     SUPERSEDED = "newer attempt"  # ours, from a newer attempt: this VM is obsolete; leave it for that VM
     MINE = "mine"
@@ -80,17 +82,50 @@ def message_attempt(attributes: dict[str, str], data: bytes) -> int | None:
     return value
 
 
-def route(attributes: dict[str, str], data: bytes, job_id: str, attempt: int) -> tuple[Route, int | None]:
-    """Whose message this is: by ``job_id`` (attribute, else data), then by ``attempt``.
+def message_task_index(attributes: dict[str, str], data: bytes) -> int | None:
+    """The task index a message is for: attribute, else data field, else ``None`` (earlier design).
 
-    A message without any attempt (the earlier design's format) counts as this VM's attempt. An
-    unreadable attempt on our own job routes as MINE so that :func:`interpret` reports it.
+    Raises :class:`wire.MalformedMessage` for an index that is not a non-negative integer.
+    """
+    if "task_index" in attributes:
+        text = attributes["task_index"]
+        try:
+            value = int(text)
+        except ValueError:
+            raise wire.MalformedMessage(f"task_index attribute {text!r} is not an integer") from None
+    else:
+        value = _data_object(data).get("task_index")
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise wire.MalformedMessage(f"task_index {value!r} is not an integer")
+    if value < 0:
+        raise wire.MalformedMessage(f"task_index {value} is negative")
+    return value
+
+
+def route(
+    attributes: dict[str, str], data: bytes, job_id: str, attempt: int, task_index: int = 0
+) -> tuple[Route, int | None]:
+    """Whose message this is: by ``job_id`` (attribute, else data), ``task_index``, then ``attempt``.
+
+    The index comes before the attempt because the service's filter (job id and task index) never
+    shows this subscription another index's message, of whatever attempt. A message without an
+    index or an attempt (the earlier design's format) counts as this VM's. An unreadable index or
+    attempt on our own job routes as MINE so that :func:`interpret` reports it. The second value is
+    the message's attempt.
     """
     owner = attributes.get("job_id")
     if owner is None:
         owner = _data_object(data).get("job_id")
     if owner != job_id:
         return Route.OTHER_JOB, None
+    try:
+        msg_index = message_task_index(attributes, data)
+    except wire.MalformedMessage:
+        return Route.MINE, None
+    if msg_index is not None and msg_index != task_index:
+        return Route.OTHER_TASK, None
     try:
         msg_attempt = message_attempt(attributes, data)
     except wire.MalformedMessage:
@@ -103,10 +138,21 @@ def route(attributes: dict[str, str], data: bytes, job_id: str, attempt: int) ->
 
 
 def interpret(
-    attributes: dict[str, str], data: bytes, job_id: str, attempt: int, registry: str
+    attributes: dict[str, str],
+    data: bytes,
+    job_id: str,
+    attempt: int,
+    registry: str,
+    task_index: int = 0,
+    task_count: int | None = None,
 ) -> wire.JobSpec:
-    """This VM's job as a :class:`wire.JobSpec`; raises :class:`wire.WireError` when unusable."""
+    """This VM's job as a :class:`wire.JobSpec`; raises :class:`wire.WireError` when unusable.
+
+    The spec carries this VM's ``task_index``, and its ``task_count`` when the VM's metadata has one
+    (else the message's: an earlier-design message's ``vm_count``).
+    """
     msg_attempt = message_attempt(attributes, data)
+    msg_index = message_task_index(attributes, data)
     spec = wire.parse_job(data, registry)
     if spec.job_id != job_id:
         raise wire.MalformedMessage(f"job_id {spec.job_id!r} in the data does not match {job_id!r}")
@@ -114,9 +160,17 @@ def interpret(
         raise wire.MalformedMessage(
             f"attempt attribute {msg_attempt} does not match attempt {spec.attempt} in the data"
         )
-    if spec.attempt != attempt:  # an earlier-design message: it belongs to this VM's attempt
-        spec = spec.model_copy(update={"attempt": attempt})
-    return spec
+    if "task_index" in attributes and "task_index" in _data_object(data) and spec.task_index != msg_index:
+        raise wire.MalformedMessage(
+            f"task_index attribute {msg_index} does not match task_index {spec.task_index} in the data"
+        )
+    if msg_index is not None and msg_index != task_index:
+        raise wire.MalformedMessage(f"task_index {msg_index} is not this VM's task index {task_index}")
+    count = task_count or spec.task_count
+    if task_index >= count:  # only without a validated binding: never hand a container index >= count
+        raise wire.MalformedMessage(f"this VM's task index {task_index} is not below task_count {count}")
+    # An earlier-design message has no attempt or index: it belongs to this VM's.
+    return spec.model_copy(update={"attempt": attempt, "task_index": task_index, "task_count": count})
 
 
 @dataclass
@@ -138,14 +192,25 @@ class Superseded:
 
 
 class JobSource:
-    """Pulls from the job subscription; knows only this VM's job id and attempt."""
+    """Pulls from the job subscription; knows only this VM's job id, attempt and task index."""
 
-    def __init__(self, subscriber, subscription_path: str, job_id: str, attempt: int, registry: str = ""):
+    def __init__(
+        self,
+        subscriber,
+        subscription_path: str,
+        job_id: str,
+        attempt: int,
+        registry: str = "",
+        task_index: int = 0,
+        task_count: int | None = None,
+    ):
         self.subscriber = subscriber
         self.subscription = subscription_path
         self.job_id = job_id
         self.attempt = attempt
         self.registry = registry
+        self.task_index = task_index
+        self.task_count = task_count
 
     def take(self, wait_seconds: float, stop: threading.Event) -> Taken | Superseded | None:
         """Long-poll until our job's message arrives; ``None`` after ``wait_seconds`` or on ``stop``."""
@@ -179,24 +244,49 @@ class JobSource:
     def _consider(self, received) -> Taken | Superseded | None:
         message = received.message
         attributes = dict(message.attributes)
-        where, msg_attempt = route(attributes, message.data, self.job_id, self.attempt)
+        where, msg_attempt = route(attributes, message.data, self.job_id, self.attempt, self.task_index)
         if where is Route.OTHER_JOB:
-            log.info("acking and ignoring message %s: it is not for job %s", message.message_id, self.job_id)
+            log.info(
+                "acking and ignoring message %s: it is not for job %s (task %s)",
+                message.message_id,
+                self.job_id,
+                self.task_index,
+            )
+            self._drop(received.ack_id)
+            return None
+        if where is Route.OTHER_TASK:
+            log.info(
+                "acking and ignoring message %s: it is for task %s of job %s; this VM runs task %s",
+                message.message_id,
+                message_task_index(attributes, message.data),
+                self.job_id,
+                self.task_index,
+            )
             self._drop(received.ack_id)
             return None
         if where is Route.STALE:
             log.info(
-                "acking and ignoring message %s: attempt %s is older than this VM's attempt %s",
+                "acking and ignoring message %s: attempt %s is older than this VM's attempt %s (job %s task %s)",
                 message.message_id,
                 msg_attempt,
                 self.attempt,
+                self.job_id,
+                self.task_index,
             )
             self._drop(received.ack_id)
             return None
         if where is Route.SUPERSEDED:
             return Superseded(received.ack_id, msg_attempt or 0)
         try:
-            spec = interpret(attributes, message.data, self.job_id, self.attempt, self.registry)
+            spec = interpret(
+                attributes,
+                message.data,
+                self.job_id,
+                self.attempt,
+                self.registry,
+                self.task_index,
+                self.task_count,
+            )
         except wire.WireError as exc:
             log.error("job message %s is unusable: %s", message.message_id, exc)
             return Taken(received.ack_id, message.message_id, None, f"unusable job message: {exc}")

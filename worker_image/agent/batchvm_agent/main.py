@@ -116,9 +116,16 @@ class Agent:
             binding.attempt,
             binding.vm_name,
             binding.zone,
+            task_index=binding.task_index,
         )
         self.source = JobSource(
-            subscriber, binding.subscription_path, binding.job_id, binding.attempt, binding.image_registry
+            subscriber,
+            binding.subscription_path,
+            binding.job_id,
+            binding.attempt,
+            binding.image_registry,
+            binding.task_index,
+            binding.task_count,
         )
         self.runner = ContainerRunner(binding.container_cli, binding.container_run_args)
         self.watcher = PreemptionWatcher(metadata, self._on_preempted)
@@ -135,9 +142,11 @@ class Agent:
     def run(self) -> int:
         b = self.binding
         log.info(
-            "bound to job %s attempt %s on %s (%s); pulling %s",
+            "bound to job %s attempt %s task %s of %s on %s (%s); pulling %s",
             b.job_id,
             b.attempt,
+            b.task_index,
+            b.task_count or "1 (or the job message's task_count)",
             b.vm_name,
             b.zone,
             b.subscription_path,
@@ -179,7 +188,7 @@ class Agent:
                 )
             return EXIT_INTERRUPTED
         reason = (
-            f"no job message for attempt {self.binding.attempt} arrived on "
+            f"no job message for attempt {self.binding.attempt} task {self.binding.task_index} arrived on "
             f"{self.binding.job_subscription} within {self.args.job_wait_seconds:g} s"
         )
         log.error("%s", reason)
@@ -188,7 +197,14 @@ class Agent:
 
     def _run_job(self, taken: Taken, lease: Lease) -> int:
         spec = taken.spec
-        log.info("took job message %s: image %s", taken.message_id, spec.image)
+        log.info(
+            "took job message %s: job %s task %s of %s, image %s",
+            taken.message_id,
+            spec.job_id,
+            spec.task_index,
+            spec.task_count,
+            spec.image,
+        )
         if not self.binding.image_allowed(spec.image):
             allowed = " ".join(self.binding.image_allowlist)
             log.error("refusing image %s: not under this VM's allowlist (%s)", spec.image, allowed)
@@ -204,7 +220,8 @@ class Agent:
         if self.stop.is_set():
             return self._interrupted(taken, lease, "")
         with Heartbeat(self.status, self.binding.heartbeat_seconds):
-            result = self.runner.run(spec, container_name(spec.job_id, spec.attempt), self.stop)
+            name = container_name(spec.job_id, spec.attempt, spec.task_index)
+            result = self.runner.run(spec, name, self.stop)
         if result.stopped:
             return self._interrupted(taken, lease, result.log_tail)
         if result.succeeded:
@@ -270,6 +287,7 @@ def report_unusable_binding(exc: BindingError) -> None:
         int(p.get("attempt") or 1),
         str(p.get("vm_name", "")),
         str(p.get("zone", "")),
+        task_index=int(p.get("task_index") or 0),
     )
     status.try_publish(wire.Status.FAILED, deadline=30, reason=f"VM configuration: {exc}")
 

@@ -27,6 +27,9 @@ ATTR_JOB_ID = "batchvm-job-id"
 ATTR_ATTEMPT = "batchvm-attempt"
 ATTR_JOB_SUBSCRIPTION = "batchvm-job-subscription"
 ATTR_STATUS_TOPIC = "batchvm-status-topic"
+# Which of the job's tasks this VM runs; both absent on a single-task job (index 0 of 1).
+ATTR_TASK_INDEX = "batchvm-task-index"
+ATTR_TASK_COUNT = "batchvm-task-count"
 ATTR_IMAGE_REGISTRY = "batchvm-image-registry"
 ATTR_CONTAINER_CLI = "batchvm-container-cli"
 ATTR_CONTAINER_RUN_ARGS = "batchvm-container-run-args"
@@ -114,6 +117,8 @@ class Binding:
     attempt: int
     job_subscription: str  # short name
     status_topic: str  # short name
+    task_index: int = 0
+    task_count: int | None = None  # None: absent, so the job message's task_count holds
     image_registry: str = ""
     container_cli: list[str] = field(default_factory=lambda: [DEFAULT_CONTAINER_CLI])
     container_run_args: list[str] = field(default_factory=list)
@@ -155,16 +160,31 @@ def read_binding(client: MetadataClient, wait_seconds: float = 300.0) -> Binding
     required("instance/name", "vm_name")
     partial["zone"] = zone_short_name(required("instance/zone", "zone"))
     required("instance/attributes/" + ATTR_JOB_ID, "job_id")
-    attempt_text = (client.attribute(ATTR_ATTEMPT) or "1").strip()
-    try:
-        attempt = int(attempt_text)
-        if attempt < 1:
-            raise ValueError
-    except ValueError:
-        raise BindingError(
-            f"metadata {ATTR_ATTEMPT}={attempt_text!r} is not a positive integer", partial
-        ) from None
+
+    def integer(name: str, minimum: int) -> int | None:
+        text = (client.attribute(name) or "").strip()
+        if not text:
+            return None
+        try:
+            value = int(text)
+            if value < minimum:
+                raise ValueError
+        except ValueError:
+            what = "a positive integer" if minimum == 1 else "a non-negative integer"
+            raise BindingError(f"metadata {name}={text!r} is not {what}", partial) from None
+        return value
+
+    attempt = integer(ATTR_ATTEMPT, 1) or 1
     partial["attempt"] = attempt
+    task_index = integer(ATTR_TASK_INDEX, 0) or 0
+    partial["task_index"] = task_index
+    task_count = integer(ATTR_TASK_COUNT, 1)
+    if task_index >= (task_count or 1):
+        raise BindingError(
+            f"metadata {ATTR_TASK_INDEX}={task_index} is not below {ATTR_TASK_COUNT}="
+            + (str(task_count) if task_count else "1 (absent)"),
+            partial,
+        )
     required("instance/attributes/" + ATTR_STATUS_TOPIC, "status_topic")
     required("instance/attributes/" + ATTR_JOB_SUBSCRIPTION, "job_subscription")
 
@@ -195,6 +215,8 @@ def read_binding(client: MetadataClient, wait_seconds: float = 300.0) -> Binding
         attempt=attempt,
         job_subscription=str(partial["job_subscription"]),
         status_topic=str(partial["status_topic"]),
+        task_index=task_index,
+        task_count=task_count,
         image_registry=(client.attribute(ATTR_IMAGE_REGISTRY) or "").strip(),
         container_cli=cli,
         container_run_args=run_args,

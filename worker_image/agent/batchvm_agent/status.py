@@ -45,7 +45,7 @@ class PublishFailed(RuntimeError):
 
 
 class StatusPublisher:
-    """Publishes :class:`wire.StatusMessage` for one job attempt on one VM."""
+    """Publishes :class:`wire.StatusMessage` for one task of one job attempt, on one VM."""
 
     def __init__(
         self,
@@ -56,6 +56,7 @@ class StatusPublisher:
         vm_name: str,
         zone: str,
         *,
+        task_index: int = 0,
         attempt_timeout: float = 15.0,
         initial_backoff: float = 0.5,
         max_backoff: float = 10.0,
@@ -66,6 +67,7 @@ class StatusPublisher:
         self.attempt = attempt
         self.vm_name = vm_name
         self.zone = zone
+        self.task_index = task_index
         self.attempt_timeout = attempt_timeout
         self.initial_backoff = initial_backoff
         self.max_backoff = max_backoff
@@ -74,6 +76,7 @@ class StatusPublisher:
         return wire.StatusMessage(
             job_id=self.job_id,
             attempt=self.attempt,
+            task_index=self.task_index,
             status=status,
             vm_name=self.vm_name,
             zone=self.zone,
@@ -107,7 +110,7 @@ class StatusPublisher:
             raise PublishFailed(f"{status.value} not published within {deadline:g} s: {exc.cause}") from exc
         except Exception as exc:
             raise PublishFailed(f"{status.value} not published: {type(exc).__name__}: {exc}") from exc
-        log.info("published %s (message %s)", status.value, message_id)
+        log.info("published %s for task %s (message %s)", status.value, self.task_index, message_id)
         return message_id
 
     def try_publish(self, status: wire.Status, *, deadline: float = 10.0, **fields) -> bool:
