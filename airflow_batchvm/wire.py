@@ -171,7 +171,7 @@ class JobSpec(_Message):
         return {"job_id": self.job_id, "attempt": str(self.attempt), "task_index": str(self.task_index)}
 
     def for_task(self, task_index: int) -> JobSpec:
-        return self.model_copy(update={"task_index": task_index})
+        return type(self).model_validate({**self.model_dump(), "task_index": task_index})
 
     @property
     def job_data(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import time
@@ -24,9 +25,17 @@ from airflow_batchvm.hooks.batchvm import (
     VmInsertError,
 )
 from airflow_batchvm.links.batchvm import BatchVmInstanceLink, BatchVmLogsLink
-from airflow_batchvm.sensors.batchvm import JobWaitMixin, OnFinishAction
+from airflow_batchvm.sensors.batchvm import (
+    BatchVmJobFailed,
+    JobWaitMixin,
+    OnFinishAction,
+    _failure_message,
+    _first_event,
+    job_result,
+)
 from airflow_batchvm.timeline import log_step
-from airflow_batchvm.wire import VM_NAME_PATTERN, JobSpec
+from airflow_batchvm.triggers.batchvm import VM_LOST, BatchVmTasksTrigger
+from airflow_batchvm.wire import VM_NAME_PATTERN, JobSpec, Status
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -89,6 +98,9 @@ class BatchVmSubmitJobOperator(BaseOperator):
     template_fields_renderers = {"payload": "json", "env": "json"}
     operator_extra_links = (BatchVmInstanceLink(), BatchVmLogsLink())
     ui_color = "#c6e2ff"
+    # Submitting alone is for single-task jobs: the later VMs of a multi-task job are created as
+    # earlier ones finish, which only BatchVmRunJobOperator (which also waits) can do.
+    task_count: int | str = 1
 
     def __init__(
         self,
@@ -174,6 +186,7 @@ class BatchVmSubmitJobOperator(BaseOperator):
             "payload": self.payload,
             "timeout_seconds": self.timeout_seconds,
             "labels": self.labels or {},
+            "task_count": self.task_count,
         }
         try:
             spec = JobSpec.model_validate(fields)
@@ -182,7 +195,8 @@ class BatchVmSubmitJobOperator(BaseOperator):
                 f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
             )
             raise JobSpecError(f"Invalid batch job spec: {problems}") from None
-        longest_vm_name = JobNames("-", spec.job_id).vm_name_for(99)
+        last_task = spec.task_count - 1 if spec.task_count > 1 else None
+        longest_vm_name = JobNames("-", spec.job_id, last_task).vm_name_for(99)
         if not re.match(VM_NAME_PATTERN, longest_vm_name):
             raise JobSpecError(
                 f"Invalid batch job spec: job_id: gives VM names like {longest_vm_name!r}, which Compute Engine refuses"
@@ -254,7 +268,8 @@ class BatchVmSubmitJobOperator(BaseOperator):
         }
 
     def create_vm(
-        self, context: Context, names: JobNames, attempt: int, vm_attempt: int, zones: Sequence[str]
+        self, context: Context, names: JobNames, attempt: int, vm_attempt: int, zones: Sequence[str],
+        task_count: int = 1,
     ) -> tuple[str, str]:
         """Create one VM for the job, in the first of ``zones`` with capacity; returns (zone, name)."""
         ti = context["ti"]
@@ -270,11 +285,12 @@ class BatchVmSubmitJobOperator(BaseOperator):
                     machine_type=self.machine_type,
                     spot=self.spot,
                     max_run_seconds=self.max_run_seconds,
-                    metadata={**(self.vm_metadata or {}), **names.binding_metadata(attempt)},
+                    metadata={**(self.vm_metadata or {}), **names.binding_metadata(attempt, task_count)},
                     labels={
                         **(self.labels or {}),
                         **task_labels(ti.dag_id, ti.task_id, ti.run_id, ti.map_index, ti.try_number),
                         "batchvm-job-id": names.job_id,
+                        **({} if names.task_index is None else {"batchvm-task-index": str(names.task_index)}),
                         **MANAGED_BY,
                         # `batchvm gc` leaves a VM alone that its task means to keep.
                         **({"batchvm-keep": "true"} if getattr(self, "on_finish_action", None) == OnFinishAction.KEEP_VM else {}),
@@ -315,19 +331,34 @@ class BatchVmRunJobOperator(JobWaitMixin, BatchVmSubmitJobOperator):
     still runs its job. The VM and the job's subscriptions are deleted when it is done (see
     ``on_finish_action``).
 
+    With ``task_count`` N > 1 the job runs as N tasks, each on a VM of its own, whose container
+    sees ``BATCHVM_TASK_INDEX`` (0 to N-1) and ``BATCHVM_TASK_COUNT``. At most ``parallelism``
+    VMs exist at once; the next one is created when an earlier one finishes, each time from a
+    short resume of the deferred task. The task succeeds when all N finished and returns their
+    results in index order; it fails as soon as one task failed ``task_retries`` + 1 times, naming
+    its index, and takes the others' VMs down. A lost VM re-runs only its own task.
+
     :param on_finish_action: ``delete_vm`` (default), ``keep_vm_on_failure`` or ``keep_vm``.
-    :param max_vm_attempts: how many VMs the job may use in all when VMs are preempted or lost.
+    :param max_vm_attempts: how many VMs the job (each task) may use in all when VMs are preempted or lost.
+    :param task_count: how many tasks the job runs, each on its own VM (at most 100).
+    :param parallelism: at most this many of the tasks' VMs at once (default: all of them).
+    :param task_retries: how many times a task whose container failed is run again, on a new VM.
     :param liveness_check_seconds: how often the VM's liveness is checked while waiting.
     :param heartbeat_timeout_seconds: how long a started job may stay silent before its VM is
         considered lost (the agent sends a heartbeat every 30 s); ``None`` disables it.
     :param deferrable: wait in the triggerer (default) or in the worker.
     """
 
+    template_fields: Sequence[str] = (*BatchVmSubmitJobOperator.template_fields, "task_count", "parallelism")
+
     def __init__(
         self,
         *,
         on_finish_action: str = OnFinishAction.DELETE_VM,
         max_vm_attempts: int = 3,
+        task_count: int | str = 1,
+        parallelism: int | str | None = None,
+        task_retries: int = 0,
         liveness_check_seconds: float = 60.0,
         heartbeat_timeout_seconds: float | None = 300.0,
         deferrable: bool = True,
@@ -336,11 +367,17 @@ class BatchVmRunJobOperator(JobWaitMixin, BatchVmSubmitJobOperator):
         super().__init__(**kwargs)
         self.on_finish_action = on_finish_action
         self.max_vm_attempts = max_vm_attempts
+        self.task_count = task_count
+        self.parallelism = parallelism
+        self.task_retries = task_retries
         self.liveness_check_seconds = liveness_check_seconds
         self.heartbeat_timeout_seconds = heartbeat_timeout_seconds
         self.deferrable = deferrable
+        self._tasks: dict[str, Any] | None = None
 
     def execute(self, context: Context) -> Any:
+        if str(self.task_count) not in ("1", ""):
+            return self.execute_tasks(context)
         job = super().execute(context)
         return self.wait_for_job(
             context,
@@ -359,9 +396,168 @@ class BatchVmRunJobOperator(JobWaitMixin, BatchVmSubmitJobOperator):
         self.persist_links(context, names.project_id, zone, vm_name)
         return zone, vm_name
 
+    # -- multi-task jobs ---------------------------------------------------------------------------
+
+    def execute_tasks(self, context: Context) -> Any:
+        """Publish one message per task up front (the durable record of each), then start the first VMs."""
+        spec = self.build_spec(context)
+        parallelism = self._parallelism(spec.task_count)
+        names = self.submitted = JobNames(self.project_id or self.hook.project_id, spec.job_id)
+        self._clear_earlier_tries(names)
+        submitted_at = time.time()
+        tasks = [names.task(i) for i in range(spec.task_count)]
+        try:
+            for task_names in tasks:
+                self.hook.create_job_subscriptions(task_names)
+            for task_names in tasks:
+                self.hook.publish_job(task_names, spec.for_task(task_names.task_index))
+        except BaseException:
+            self._delete_subscriptions(names, spec.task_count)
+            raise
+        log_step(self.log, "submitted",
+                 f"job {spec.job_id} attempt {spec.attempt}: {spec.task_count} tasks, at most {parallelism} VMs at once",
+                 submitted_at)
+        for key, value in (("job_id", spec.job_id), ("attempt", spec.attempt), ("task_count", spec.task_count)):
+            context["ti"].xcom_push(key=key, value=value)
+        state = {
+            "project_id": names.project_id,
+            "job_id": spec.job_id,
+            "attempt": spec.attempt,
+            "task_count": spec.task_count,
+            "parallelism": parallelism,
+            "submitted_at": submitted_at,
+            "pending": list(range(spec.task_count)),
+            "running": {},
+            "done": {},
+            "failures": {},
+        }
+        return self._launch_and_wait(context, state)
+
+    def tasks_complete(self, context: Context, event: dict[str, Any], state: dict[str, Any]) -> Any:
+        """Some tasks ended: record the finished, re-run the lost (and failed, within ``task_retries``), fill free slots."""
+        self._tasks = state
+        names = JobNames(state["project_id"], state["job_id"])
+        count = state["task_count"]
+        try:
+            for key, ended in sorted(event["tasks"].items(), key=lambda item: int(item[0])):
+                index, task = int(key), state["running"].pop(key)
+                task_names = names.task(index)
+                if ended.get("log_tail"):
+                    self.log.info("----- container log tail (task %d of job %s, VM %s) -----\n%s\n----- end -----",
+                                  index, names.job_id, ended.get("vm_name"), ended["log_tail"].rstrip("\n"))
+                status = ended["status"]
+                if status == Status.FINISHED:
+                    state["done"][key] = job_result(ended)
+                    # A VM that gives its slot to a waiting task is gone before the next one is created.
+                    self._drop_vm(task_names, task, succeeded=True, wait=bool(state["pending"]))
+                    self.hook.delete_job_subscriptions(task_names)
+                    continue
+                lost = status in (Status.PREEMPTED, VM_LOST)
+                failures = state["failures"].get(key, 0) + (0 if lost else 1)
+                if (lost and task["vm_attempt"] < self.max_vm_attempts) or (not lost and failures <= self.task_retries):
+                    self.log.warning("Task %d: %s; it runs again on a new VM", index, _failure_message(ended))
+                    self._drop_vm(task_names, task, succeeded=False, wait=False)
+                    if not lost:  # its message was acked with the failure: the retry needs its own
+                        state["failures"][key] = failures
+                        self.hook.publish_job(task_names, self.build_spec(context).for_task(index))
+                    self._launch(context, state, index, task["vm_attempt"] + 1, first_zone=task["zone"])
+                    continue
+                self._drop_vm(task_names, task, succeeded=False, wait=False)
+                raise BatchVmJobFailed(f"Task {index} of {count} failed: {_failure_message(ended)}")
+        except BaseException:
+            self._take_down(state)
+            raise
+        if state["running"] or state["pending"]:
+            return self._launch_and_wait(context, state)
+        self._delete_subscriptions(names, count)
+        results = [state["done"][str(i)] for i in range(count)]
+        log_step(self.log, "FINISHED", f"all {count} tasks", state["submitted_at"])
+        return {"job_id": names.job_id, "attempt": state["attempt"], "task_count": count, "tasks": results}
+
+    def _launch_and_wait(self, context: Context, state: dict[str, Any]) -> Any:
+        self._tasks = state
+        try:
+            while state["pending"] and len(state["running"]) < state["parallelism"]:
+                self._launch(context, state, state["pending"].pop(0), vm_attempt=1)
+        except BaseException:
+            self._take_down(state)
+            raise
+        watcher = BatchVmTasksTrigger(
+            job_id=state["job_id"],
+            attempt=state["attempt"],
+            project_id=state["project_id"],
+            tasks=[{"task_index": int(key), "zone": t["zone"], "vm_name": t["vm_name"]} for key, t in state["running"].items()],
+            task_count=state["task_count"],
+            wake_on_finish=bool(state["pending"]),
+            gcp_conn_id=self.gcp_conn_id,
+            impersonation_chain=self.impersonation_chain,
+            liveness_check_seconds=self.liveness_check_seconds,
+            startup_timeout_seconds=self.startup_timeout_seconds,
+            heartbeat_timeout_seconds=self.heartbeat_timeout_seconds,
+            submitted_at=state["submitted_at"],
+        )
+        if self.deferrable:
+            self.defer(trigger=watcher, method_name="tasks_complete", kwargs={"state": state},
+                       timeout=self.execution_timeout)
+        watcher.earliest_event_seconds = 0.0  # in this process, no scheduler race to hold off
+        event = asyncio.run(_first_event(watcher))
+        return self.tasks_complete(context, event, state)
+
+    def _launch(self, context: Context, state: dict[str, Any], index: int, vm_attempt: int, first_zone: str = "") -> None:
+        names = JobNames(state["project_id"], state["job_id"], index)
+        zones = [first_zone, *(z for z in self.zones if z != first_zone)] if first_zone else self.zones
+        zone, vm_name = self.create_vm(context, names, state["attempt"], vm_attempt, zones, state["task_count"])
+        state["running"][str(index)] = {"zone": zone, "vm_name": vm_name, "vm_attempt": vm_attempt}
+        log_step(self.log, "VM created", f"{vm_name} in {zone} (task {index}"
+                 + (f", VM {vm_attempt} of {self.max_vm_attempts})" if vm_attempt > 1 else ")"), state["submitted_at"])
+        if index == 0 and vm_attempt == 1:
+            self.persist_links(context, state["project_id"], zone, vm_name)
+
+    def _drop_vm(self, names: JobNames, task: dict[str, Any], succeeded: bool, wait: bool) -> None:
+        keep = self.on_finish_action == OnFinishAction.KEEP_VM or (
+            self.on_finish_action == OnFinishAction.KEEP_VM_ON_FAILURE and not succeeded
+        )
+        if keep:
+            self.log.info("Keeping VM %s (on_finish_action=%s)", task["vm_name"], self.on_finish_action)
+        else:
+            self.hook.delete_vm(project_id=names.project_id, zone=task["zone"], vm_name=task["vm_name"], wait=wait)
+
+    def _take_down(self, state: dict[str, Any]) -> None:
+        """A failed (or killed) multi-task job stops all its VMs: none of them can make it succeed now."""
+        names = JobNames(state["project_id"], state["job_id"])
+        for key, task in list(state["running"].items()):
+            self.log.info("Deleting VM %s of task %s", task["vm_name"], key)
+            self.hook.delete_vm(project_id=names.project_id, zone=task["zone"], vm_name=task["vm_name"], wait=False)
+        state["running"].clear()
+        self._delete_subscriptions(names, state["task_count"])
+
+    def _delete_subscriptions(self, names: JobNames, task_count: int) -> None:
+        for index in range(task_count):
+            self.hook.delete_job_subscriptions(names.task(index))
+
+    def _parallelism(self, task_count: int) -> int:
+        if self.parallelism in (None, ""):
+            return task_count
+        try:
+            parallelism = int(self.parallelism)
+        except (TypeError, ValueError):
+            parallelism = 0
+        if parallelism < 1:
+            raise JobSpecError(f"Invalid batch job spec: parallelism: must be a positive integer, got {self.parallelism!r}")
+        return min(parallelism, task_count)
+
+    def _clear_earlier_tries(self, names: JobNames) -> None:
+        """A retried multi-task job starts over: an earlier try's VMs are deleted, never doubled."""
+        for zone in self.zones:
+            for vm in self.hook.find_job_vms(project_id=names.project_id, zone=zone, job_id=names.job_id):
+                self.log.info("Deleting VM %s (%s) left by an earlier try", vm.name, vm.status)
+                self.hook.delete_vm(project_id=names.project_id, zone=zone, vm_name=vm.name)
+
     def on_kill(self) -> None:
-        """Killed while running in the worker (not deferred): take the VM and subscriptions down."""
-        if self.submitted and self.submitted_vm:
+        """Killed while running in the worker (not deferred): take the VMs and subscriptions down."""
+        if self._tasks:
+            self._take_down(self._tasks)
+        elif self.submitted and self.submitted_vm:
             zone, vm_name = self.submitted_vm
             self.hook.delete_vm(project_id=self.submitted.project_id, zone=zone, vm_name=vm_name, wait=False)
             self.hook.delete_job_subscriptions(self.submitted)

@@ -115,7 +115,7 @@ def test_a_multi_task_job_is_one_message_per_index():
     assert attributes == {"job_id": "shard-1", "attempt": "1", "task_index": "2"}
     assert JobSpec.from_pubsub(data) == third
     with pytest.raises(ValueError, match="task_index 4 is not below task_count 4"):
-        spec.for_task(4).model_validate(spec.for_task(4).model_dump())
+        spec.for_task(4)
     with pytest.raises(ValueError, match="less than or equal to 100"):
         JobSpec(job_id="shard-1", image="img", task_count=101)
     with pytest.raises(ValueError, match="BATCHVM_TASK_INDEX is set by the agent"):
