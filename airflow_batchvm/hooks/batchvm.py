@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 import weakref
 from collections.abc import Sequence
@@ -128,6 +129,12 @@ class JobNames:
     @property
     def status_subscription(self) -> str:
         return f"projects/{self.project_id}/subscriptions/batchvm-status-{self.stem}"
+
+
+def vm_attempt_of(vm_name: str) -> int:
+    """``bvm-JOB`` is a job's (or task's) first VM, ``bvm-JOB-rN`` its N-th."""
+    match = re.search(r"-r(\d+)$", vm_name)
+    return int(match.group(1)) if match else 1
 
 
 def short_name(path: str) -> str:

@@ -23,6 +23,7 @@ from airflow_batchvm.hooks.batchvm import (
     BatchVmHook,
     JobNames,
     VmInsertError,
+    vm_attempt_of,
 )
 from airflow_batchvm.links.batchvm import BatchVmInstanceLink, BatchVmLogsLink
 from airflow_batchvm.sensors.batchvm import (
@@ -232,7 +233,7 @@ class BatchVmSubmitJobOperator(BaseOperator):
                     "job_id": names.job_id,
                     "attempt": int(vm_attempt),
                     "vm_name": vm.name,
-                    "vm_attempt": _vm_attempt(vm.name),
+                    "vm_attempt": vm_attempt_of(vm.name),
                     "zone": zone,
                     "project_id": names.project_id,
                     "submitted_at": _epoch(vm.creation_timestamp),
@@ -433,9 +434,9 @@ class BatchVmRunJobOperator(JobWaitMixin, BatchVmSubmitJobOperator):
         }
         return self._launch_and_wait(context, state)
 
-    def tasks_complete(self, context: Context, event: dict[str, Any], state: dict[str, Any]) -> Any:
+    def tasks_complete(self, context: Context, event: dict[str, Any]) -> Any:
         """Some tasks ended: record the finished, re-run the lost (and failed, within ``task_retries``), fill free slots."""
-        self._tasks = state
+        state = self._tasks = event["progress"]
         names = JobNames(state["project_id"], state["job_id"])
         count = state["task_count"]
         try:
@@ -489,6 +490,7 @@ class BatchVmRunJobOperator(JobWaitMixin, BatchVmSubmitJobOperator):
             tasks=[{"task_index": int(key), "zone": t["zone"], "vm_name": t["vm_name"]} for key, t in state["running"].items()],
             task_count=state["task_count"],
             wake_on_finish=bool(state["pending"]),
+            progress=state,
             gcp_conn_id=self.gcp_conn_id,
             impersonation_chain=self.impersonation_chain,
             liveness_check_seconds=self.liveness_check_seconds,
@@ -497,11 +499,9 @@ class BatchVmRunJobOperator(JobWaitMixin, BatchVmSubmitJobOperator):
             submitted_at=state["submitted_at"],
         )
         if self.deferrable:
-            self.defer(trigger=watcher, method_name="tasks_complete", kwargs={"state": state},
-                       timeout=self.execution_timeout)
+            self.defer(trigger=watcher, method_name="tasks_complete", timeout=self.execution_timeout)
         watcher.earliest_event_seconds = 0.0  # in this process, no scheduler race to hold off
-        event = asyncio.run(_first_event(watcher))
-        return self.tasks_complete(context, event, state)
+        return self.tasks_complete(context, asyncio.run(_first_event(watcher)))
 
     def _launch(self, context: Context, state: dict[str, Any], index: int, vm_attempt: int, first_zone: str = "") -> None:
         names = JobNames(state["project_id"], state["job_id"], index)
@@ -577,12 +577,6 @@ def default_job_id(dag_id: str, task_id: str, run_id: str, map_index: int) -> st
 
 def _metadata(vm: Any, key: str) -> str | None:
     return next((item.value for item in vm.metadata.items if item.key == key), None)
-
-
-def _vm_attempt(vm_name: str) -> int:
-    """``bvm-JOB`` is a job's first VM, ``bvm-JOB-rN`` its N-th."""
-    match = re.search(r"-r(\d+)$", vm_name)
-    return int(match.group(1)) if match else 1
 
 
 def _epoch(rfc3339: str) -> float | None:

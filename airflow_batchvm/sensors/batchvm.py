@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowException
 
-from airflow_batchvm.hooks.batchvm import BatchVmHook, JobNames
+from airflow_batchvm.hooks.batchvm import BatchVmHook, JobNames, vm_attempt_of
 from airflow_batchvm.links.batchvm import BatchVmInstanceLink, BatchVmLogsLink
 from airflow_batchvm.triggers.batchvm import (
     FINAL_LOOK_SECONDS,
@@ -111,10 +111,12 @@ class JobWaitMixin:
         self,
         context: Context,
         event: dict[str, Any],
-        vm_attempt: int = 1,
+        vm_attempt: int | None = None,
         submitted_at: float | None = None,
     ) -> Any:
         names = JobNames(event["project_id"], event["job_id"])
+        # `airflow dags test` resumes with the event alone: the VM's name says which VM it was.
+        vm_attempt = vm_attempt or vm_attempt_of(event.get("vm_name") or "")
         status = event["status"]
         log = self.log  # type: ignore[attr-defined]
         if event.get("log_tail"):

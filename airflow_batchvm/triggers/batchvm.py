@@ -363,6 +363,9 @@ class BatchVmTasksTrigger(BaseTrigger):
     :param tasks: the running tasks: ``{"task_index", "zone", "vm_name"}`` each.
     :param task_count: the job's number of tasks (all of whose subscriptions ``on_kill`` deletes).
     :param wake_on_finish: whether tasks wait for a slot, so that a finished task should wake the task.
+    :param progress: the operator's record of the job (tasks done, waiting, retried), handed back
+        in the event: ``airflow dags test`` resumes a task with the event alone, without the
+        deferral's kwargs.
     """
 
     earliest_event_seconds = EARLIEST_EVENT_SECONDS
@@ -376,6 +379,7 @@ class BatchVmTasksTrigger(BaseTrigger):
         tasks: list[dict[str, Any]],
         task_count: int,
         wake_on_finish: bool,
+        progress: dict[str, Any] | None = None,
         gcp_conn_id: str = "google_cloud_default",
         impersonation_chain: str | Sequence[str] | None = None,
         liveness_check_seconds: float = 60.0,
@@ -390,6 +394,7 @@ class BatchVmTasksTrigger(BaseTrigger):
         self.tasks = tasks
         self.task_count = task_count
         self.wake_on_finish = wake_on_finish
+        self.progress = progress
         self.gcp_conn_id = gcp_conn_id
         self.impersonation_chain = impersonation_chain
         self.liveness_check_seconds = liveness_check_seconds
@@ -407,6 +412,7 @@ class BatchVmTasksTrigger(BaseTrigger):
                 "tasks": self.tasks,
                 "task_count": self.task_count,
                 "wake_on_finish": self.wake_on_finish,
+                "progress": self.progress,
                 "gcp_conn_id": self.gcp_conn_id,
                 "impersonation_chain": self.impersonation_chain,
                 "liveness_check_seconds": self.liveness_check_seconds,
@@ -455,7 +461,10 @@ class BatchVmTasksTrigger(BaseTrigger):
             for future in watches:
                 future.cancel()
         await _hold_until(earliest)
-        yield TriggerEvent({"job_id": self.job_id, "attempt": self.attempt, "project_id": self.project_id, "tasks": ended})
+        yield TriggerEvent(
+            {"job_id": self.job_id, "attempt": self.attempt, "project_id": self.project_id, "tasks": ended,
+             "progress": self.progress}
+        )
 
     async def on_kill(self) -> None:
         """The user killed the deferred task: delete the running tasks' VMs and every task's subscriptions."""

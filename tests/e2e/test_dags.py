@@ -66,3 +66,14 @@ def test_single_job_dag_takes_its_params_from_conf(airflow_env, local_stack):
     assert task_states(airflow_env, "example_batchvm_single_job") == {"run_job": ["success"]}
     assert '"sleep_time":"1"' in run.stdout + run.stderr  # the form's value reached the container
     Cloud(local_stack).assert_nothing_left()
+
+
+def test_sharded_dag_runs_one_job_over_four_vms_then_merges(airflow_env, local_stack):
+    run = airflow(airflow_env, "dags", "test", "example_batchvm_sharded")
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert task_states(airflow_env, "example_batchvm_sharded") == {"shard": ["success"], "merge": ["success"]}
+    output = run.stdout + run.stderr
+    for index in range(4):  # each shard's container saw its own index (its log tail, in the task log)
+        assert f"Task {index} of 4" in output, output[-4000:]
+    assert '"shards":"4"' in output  # the merge job got the shard task's result
+    Cloud(local_stack).assert_nothing_left()

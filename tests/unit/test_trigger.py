@@ -286,7 +286,7 @@ def scripted_by_task(hook, script: dict[int, list]):
 
 
 def test_tasks_serialize_is_exact():
-    assert make_tasks_trigger(submitted_at=1.5).serialize() == (
+    assert make_tasks_trigger(submitted_at=1.5, progress={"done": {}}).serialize() == (
         "airflow_batchvm.triggers.batchvm.BatchVmTasksTrigger",
         {
             "job_id": "job-1",
@@ -296,6 +296,7 @@ def test_tasks_serialize_is_exact():
                       {"task_index": 1, "zone": "z", "vm_name": "bvm-job-1-t1"}],
             "task_count": 3,
             "wake_on_finish": False,
+            "progress": {"done": {}},
             "gcp_conn_id": "google_cloud_default",
             "impersonation_chain": None,
             "liveness_check_seconds": 60.0,
@@ -311,8 +312,9 @@ async def test_tasks_that_finish_are_collected_until_all_ended(hook):
         0: [[received(task_status(0, Status.FINISHED, exit_code=0), "a")]],
         1: [[], [], [received(task_status(1, Status.FINISHED, exit_code=0), "b")]],
     })
-    event = await make_tasks_trigger().run().asend(None)
+    event = await make_tasks_trigger(progress={"pending": []}).run().asend(None)
     assert sorted(event.payload["tasks"]) == ["0", "1"]
+    assert event.payload["progress"] == {"pending": []}  # handed back for the task to go on from
     assert {e["task_index"] for e in event.payload["tasks"].values()} == {0, 1}
 
 
