@@ -6,6 +6,7 @@ from types import SimpleNamespace
 from unittest import mock
 
 import pytest
+from airflow.sdk.exceptions import TaskDeferred
 
 from airflow_batchvm.operators.batchvm import (
     BatchVmRunJobOperator,
@@ -14,6 +15,7 @@ from airflow_batchvm.operators.batchvm import (
     default_job_id,
     task_labels,
 )
+from airflow_batchvm.sensors.batchvm import BatchVmJobFailed
 from airflow_batchvm.wire import JOB_ID_MAX_LEN, MAX_PAYLOAD_BYTES
 
 
@@ -80,3 +82,63 @@ def test_run_operator_is_deferrable_by_default_and_templated():
     op = BatchVmRunJobOperator(task_id="t", image="i", instance_template="t", zone="z")
     assert op.deferrable is True
     assert {"image", "env", "payload", "command", "args", "job_id", "zone"} <= set(op.template_fields)
+
+
+def tasks_operator(**overrides):
+    kwargs = {"task_id": "step", "image": "img", "instance_template": "t", "zone": "z", "task_count": 3,
+              "parallelism": 2, "project_id": "p"}
+    return BatchVmRunJobOperator(**{**kwargs, **overrides})
+
+
+def finished(index: int, vm_name: str) -> dict:
+    return {"job_id": "j", "attempt": 1, "project_id": "p", "task_index": index, "status": "FINISHED",
+            "vm_name": vm_name, "zone": "z", "exit_code": 0, "time": "2026-12-03T16:00:05+00:00",
+            "started_at": "2026-12-03T16:00:01+00:00"}
+
+
+def test_a_multi_task_job_frees_a_slot_before_filling_it():
+    """With parallelism 2, the finished task's VM is deleted (and waited for) before the next is created."""
+    op = tasks_operator(job_id="j")
+    with mock.patch.object(BatchVmRunJobOperator, "hook") as hook:
+        hook.find_job_vms.return_value = []
+        with pytest.raises(TaskDeferred) as first:
+            op.execute(context())
+        assert [c.kwargs["vm_name"] for c in hook.insert_vm.call_args_list] == ["bvm-j-t0", "bvm-j-t1"]
+        assert [c.args[1].task_index for c in hook.publish_job.call_args_list] == [0, 1, 2]  # all published first
+        trigger = first.value.trigger
+        assert (trigger.wake_on_finish, [t["task_index"] for t in trigger.tasks]) == (True, [0, 1])
+
+        hook.reset_mock()
+        event = {"job_id": "j", "attempt": 1, "project_id": "p", "tasks": {"0": finished(0, "bvm-j-t0")},
+                 "progress": trigger.progress}
+        with pytest.raises(TaskDeferred) as second:
+            op.tasks_complete(context(), event)
+        calls = [c[0] for c in hook.mock_calls if c[0] in ("delete_vm", "insert_vm")]
+        assert calls == ["delete_vm", "insert_vm"]
+        assert hook.delete_vm.call_args.kwargs == {"project_id": "p", "zone": "z", "vm_name": "bvm-j-t0", "wait": True}
+        assert hook.insert_vm.call_args.kwargs["vm_name"] == "bvm-j-t2"
+        assert hook.insert_vm.call_args.kwargs["metadata"]["batchvm-task-count"] == "3"
+        trigger = second.value.trigger
+        assert (trigger.wake_on_finish, [t["task_index"] for t in trigger.tasks]) == (False, [1, 2])
+
+        event = {"job_id": "j", "attempt": 1, "project_id": "p", "progress": trigger.progress,
+                 "tasks": {"1": finished(1, "bvm-j-t1"), "2": finished(2, "bvm-j-t2")}}
+        result = op.tasks_complete(context(), event)
+    assert [t["vm_name"] for t in result["tasks"]] == ["bvm-j-t0", "bvm-j-t1", "bvm-j-t2"]
+    assert result["task_count"] == 3
+
+
+def test_a_failed_task_takes_the_others_down_and_names_its_index():
+    op = tasks_operator(job_id="j", parallelism=None)
+    with mock.patch.object(BatchVmRunJobOperator, "hook") as hook:
+        hook.find_job_vms.return_value = []
+        with pytest.raises(TaskDeferred) as first:
+            op.execute(context())
+        hook.reset_mock()
+        failed = {**finished(1, "bvm-j-t1"), "status": "FAILED", "exit_code": 3, "reason": "container exited with code 3"}
+        event = {"job_id": "j", "attempt": 1, "project_id": "p", "tasks": {"1": failed},
+                 "progress": first.value.trigger.progress}
+        with pytest.raises(BatchVmJobFailed, match=r"^Task 1 of 3 failed: .*exit code 3"):
+            op.tasks_complete(context(), event)
+    assert sorted(c.kwargs["vm_name"] for c in hook.delete_vm.call_args_list) == ["bvm-j-t0", "bvm-j-t1", "bvm-j-t2"]
+    assert sorted(c.args[0].task_index for c in hook.delete_job_subscriptions.call_args_list) == [0, 1, 2]
