@@ -29,3 +29,7 @@ airflow:         ## install, then run Airflow with its UI on the local stack unt
 .PHONY: bench
 bench:           ## the benchmark against the stock google-provider chain (< 15 min; QUICK=1 for the < 3 min run)
 	.venv/bin/python -m bench $(if $(QUICK),--quick,)
+
+.PHONY: bench-shards
+bench-shards:    ## issue 6: one job sharded over 4 VMs against 4 single jobs in a row (REPEAT=3, ~5 min)
+	.venv/bin/python -m bench.shards --repeat $(or $(REPEAT),3)
