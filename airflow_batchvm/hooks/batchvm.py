@@ -318,6 +318,15 @@ class BatchVmHook(GoogleBaseHook):
             )
         )
 
+    def list_managed_vms(self, *, project_id: str, zone: str) -> list[compute_v1.Instance]:
+        """Every VM this provider made in the zone: one call answers the liveness of all their waits."""
+        return list(
+            self.instances.list(
+                request={"project": project_id, "zone": zone, "filter": 'labels.managed-by = "airflow-batchvm"'},
+                retry=API_RETRY,
+            )
+        )
+
     def get_vm(self, *, project_id: str, zone: str, vm_name: str) -> compute_v1.Instance | None:
         try:
             return self.instances.get(project=project_id, zone=zone, instance=vm_name, retry=API_RETRY)
@@ -399,6 +408,10 @@ class BatchVmAsyncHook(GoogleBaseAsyncHook):
     async def get_vm(self, *, project_id: str, zone: str, vm_name: str) -> compute_v1.Instance | None:
         sync_hook = await self.get_sync_hook()
         return await asyncio.to_thread(sync_hook.get_vm, project_id=project_id, zone=zone, vm_name=vm_name)
+
+    async def list_managed_vms(self, *, project_id: str, zone: str) -> list[compute_v1.Instance]:
+        sync_hook = await self.get_sync_hook()
+        return await asyncio.to_thread(sync_hook.list_managed_vms, project_id=project_id, zone=zone)
 
     async def delete_job(self, names: JobNames, zone: str, vm_name: str) -> None:
         """Delete the job's VM and subscriptions: the cleanup for a task killed while deferred."""

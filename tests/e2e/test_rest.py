@@ -43,6 +43,7 @@ _spec.loader.exec_module(airflow_local)
 PIPELINE = "example_batchvm_pipeline"
 SINGLE = "example_batchvm_single_job"
 SINGLE_CONF = {"sleep_time": 3}
+SHARDED = "example_batchvm_sharded"
 RUN_TIMEOUT = 240
 SCREENSHOT = REPO / "docs" / "task-log.png"  # rewritten when BATCHVM_UPDATE_SCREENSHOT=1
 
@@ -298,10 +299,36 @@ def test_task_log_page_shows_the_timeline_and_the_log_tail(airflow, runs, tmp_pa
     assert timeline == sorted(timeline), text
     heading = next(i for i, line in enumerate(lines) if "----- container log tail (job" in line)
     assert heading > timeline[-1], text
-    tail = lines[heading + 1 : heading + 4]
-    assert tail[0].startswith("Starting Job: {") and tail[1] == "Job finished.", text
-    assert tail[2] == "----- end of container log tail -----", text
+    tail = lines[heading + 1 : heading + 5]
+    assert tail[0].startswith("Starting Job: {") and tail[1] == "Task 0 of 1" and tail[2] == "Job finished.", text
+    assert tail[3] == "----- end of container log tail -----", text
     assert '"sleep_time":"3"' in tail[0]
+
+
+def test_a_sharded_job_runs_its_four_tasks_from_the_real_triggerer(airflow, runs):
+    """The multi-task watch through the real triggerer: its progress survives the trigger's trip
+    through the database, and each task's lines reach the task log."""
+    api = runs.api
+    assert api.call("PATCH", f"/api/v2/dags/{SHARDED}", {"is_paused": False})["is_paused"] is False
+    run_id = api.call("POST", f"/api/v2/dags/{SHARDED}/dagRuns", {"logical_date": None, "conf": {"parallelism": 2}})[
+        "dag_run_id"
+    ]
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while api.get(api.run_path(SHARDED, run_id))["state"] not in ("success", "failed") and time.monotonic() < deadline:
+        time.sleep(1)
+    tis = {ti["task_id"]: ti for ti in api.task_instances(SHARDED, run_id)}
+    assert {t: ti["state"] for t, ti in tis.items()} == {"shard": "success", "merge": "success"}, _diagnose(airflow, runs)
+    result = api.xcom(SHARDED, run_id, tis["shard"])
+    assert [(t["status"], t["exit_code"]) for t in result["tasks"]] == [("FINISHED", 0)] * 4
+    events = _events(api.log(SHARDED, run_id, tis["shard"]))
+    text = "\n".join(events)
+    triggerer_logs = [e for e in events if e.endswith(".log") and ".log.trigger." in e]
+    assert triggerer_logs, text[-3000:]
+    assert text.count("Pausing task as DEFERRED.") >= 2, text[-3000:]  # two at a time: it woke to fill slots
+    for index in range(4):
+        assert f"Task {index} of 4" in text, text[-3000:]
+        assert f"-t{index} in " in text  # its VM created, named for its index
+    assert "all 4 tasks" in text
 
 
 def test_stopping_leaves_nothing_running(airflow):

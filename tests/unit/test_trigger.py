@@ -12,7 +12,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import compute_v1
 from google.pubsub_v1.types import PubsubMessage, ReceivedMessage
 
-from airflow_batchvm.triggers.batchvm import VM_LOST, BatchVmJobTrigger, BatchVmTasksTrigger
+from airflow_batchvm.triggers.batchvm import VM_LOST, BatchVmJobTrigger, BatchVmTasksTrigger, vm_board
 from airflow_batchvm.wire import Status, StatusMessage
 
 CLASSPATH = "airflow_batchvm.triggers.batchvm.BatchVmJobTrigger"
@@ -341,3 +341,17 @@ async def test_tasks_on_kill_deletes_running_vms_and_every_tasks_subscriptions(h
     assert sorted(c.args[0].status_subscription for c in hook.delete_subscriptions.await_args_list) == [
         f"projects/p/subscriptions/batchvm-status-job-1-t{i}" for i in range(3)
     ]
+
+
+async def test_the_waits_of_a_process_share_one_vm_list_per_zone(hook):
+    hook.list_managed_vms.return_value = [
+        compute_v1.Instance(name=f"bvm-job-{i}", status="RUNNING") for i in range(50)
+    ]
+    hook.get_vm.return_value = None
+    board = vm_board("google_cloud_default", "p", "z")
+    states = [(await board.vm(hook, "p", "z", f"bvm-job-{i}", max_age=30)).status for i in range(50)]
+    assert states == ["RUNNING"] * 50
+    assert hook.list_managed_vms.await_count == 1 and hook.get_vm.await_count == 0
+    assert await board.vm(hook, "p", "z", "bvm-created-since", max_age=30) is None  # asked for alone
+    assert hook.get_vm.await_count == 1
+    assert vm_board("google_cloud_default", "p", "other-zone") is not board
