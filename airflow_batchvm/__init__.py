@@ -25,5 +25,23 @@ def get_provider_info() -> dict:
             "airflow_batchvm.links.batchvm.BatchVmInstanceLink",
             "airflow_batchvm.links.batchvm.BatchVmLogsLink",
         ],
+        "config": {
+            "batchvm": {
+                "description": "Settings of the airflow-batchvm provider.",
+                "options": {
+                    "shared_status_pull": {
+                        "description": (
+                            "Whether the waits of one triggerer process share one status pull (a "
+                            "subscription of its own on batch_jobs_status), instead of a long poll each "
+                            "of their job's status subscription. Turn off only to compare the two."
+                        ),
+                        "version_added": "0.1.0",
+                        "type": "boolean",
+                        "example": None,
+                        "default": "True",
+                    }
+                },
+            }
+        },
         "integrations": [{"integration-name": "Batch VM", "external-doc-url": "https://cloud.google.com/compute"}],
     }

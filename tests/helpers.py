@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 import urllib.request
+import weakref
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from airflow.sdk.exceptions import TaskDeferred
+from airflow.triggers.shared_stream import SharedStreamManager
 from google.api_core.client_options import ClientOptions
 from google.api_core.exceptions import NotFound
 from google.auth.credentials import AnonymousCredentials
@@ -110,7 +113,7 @@ class Cloud:
 
     def job_subscriptions(self, job_id: str = "") -> list[str]:
         names = [s.name.rsplit("/", 1)[-1] for s in self.subscriber.list_subscriptions(project=f"projects/{self.project}")]
-        return [n for n in names if n.startswith(("batchvm-job-", "batchvm-status-")) and job_id in n]
+        return [n for n in names if n.startswith(("batchvm-job-", "batchvm-status-", "batchvm-hub-")) and job_id in n]
 
     def assert_nothing_left(self, job_id: str = "", timeout: float = 15) -> None:
         deadline = time.monotonic() + timeout
@@ -147,8 +150,27 @@ async def run_deferred(operator, context) -> Any:
             _classpath, kwargs = deferred.trigger.serialize()
             trigger = type(deferred.trigger)(**kwargs)
             trigger.earliest_event_seconds = 0.0  # it holds off a race of Airflow's scheduler, absent here
-            event = await trigger.run().asend(None)
+            event = await first_event(trigger)
             step = partial(getattr(operator, deferred.method_name), context, event.payload, **(deferred.kwargs or {}))
             continue
         assert deferrals, f"the operator did not defer; it returned {result!r}"
         return result
+
+
+_MANAGERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SharedStreamManager] = weakref.WeakKeyDictionary()
+_TRIGGER_IDS = itertools.count(1)
+
+
+async def first_event(trigger):
+    """The trigger's first event, as the triggerer gets it: through Airflow's SharedStreamManager
+    (one status pull for the waits of the event loop) when the trigger has a shared stream."""
+    key = trigger.shared_stream_key()
+    if key is None:
+        return await trigger.run().asend(None)
+    manager = _MANAGERS.setdefault(asyncio.get_running_loop(), SharedStreamManager())
+    trigger_id = next(_TRIGGER_IDS)
+    stream = manager.subscribe(trigger_id=trigger_id, trigger=trigger, key=key)
+    try:
+        return await trigger.filter_shared_stream(stream).__anext__()
+    finally:
+        await manager.unsubscribe(trigger_id, key)

@@ -9,6 +9,7 @@ endpoints: ``PUBSUB_EMULATOR_HOST`` (honoured by the Pub/Sub clients themselves)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import time
@@ -47,6 +48,10 @@ JOB_ACK_DEADLINE_SECONDS = 60
 # (a message handed to a pull that timed out client-side is redelivered only after it). 10 s is
 # the minimum Pub/Sub allows.
 STATUS_ACK_DEADLINE_SECONDS = 10
+# The triggerer's shared status pull acks each batch as soon as it has it.
+HUB_ACK_DEADLINE_SECONDS = 20
+# Its statuses matter only while its process runs; ten minutes is the least Pub/Sub keeps.
+HUB_RETENTION_SECONDS = 600
 
 # Compute Engine's words for "no capacity for this machine in this zone right now".
 STOCKOUT_REASONS = frozenset(
@@ -385,11 +390,18 @@ class BatchVmAsyncHook(GoogleBaseAsyncHook):
 
     sync_hook_class = BatchVmHook
 
-    async def pull_statuses(self, names: JobNames, timeout: float) -> list[ReceivedMessage]:
+    async def pull_statuses(self, names: JobNames, timeout: float, max_messages: int = 100) -> list[ReceivedMessage]:
+        return await self.pull(names.status_subscription, timeout, max_messages)
+
+    async def acknowledge(self, names: JobNames, ack_ids: list[str]) -> None:
+        await self.acknowledge_on(names.status_subscription, ack_ids)
+
+    async def pull(self, subscription: str, timeout: float, max_messages: int = 100) -> list[ReceivedMessage]:
+        """A long poll: returns as soon as messages arrive, or empty after ``timeout``."""
         client = await self._subscriber()
         try:
             response = await client.pull(
-                request={"subscription": names.status_subscription, "max_messages": 100},
+                request={"subscription": subscription, "max_messages": max_messages},
                 timeout=timeout,
                 retry=None,
             )
@@ -397,12 +409,36 @@ class BatchVmAsyncHook(GoogleBaseAsyncHook):
             return []
         return list(response.received_messages)
 
-    async def acknowledge(self, names: JobNames, ack_ids: list[str]) -> None:
+    async def acknowledge_on(self, subscription: str, ack_ids: list[str]) -> None:
         if ack_ids:
             client = await self._subscriber()
             await client.acknowledge(
-                request={"subscription": names.status_subscription, "ack_ids": ack_ids},
+                request={"subscription": subscription, "ack_ids": ack_ids},
                 retry=AsyncRetry(predicate=if_exception_type(*_TRANSIENT), timeout=60),
+            )
+
+    async def create_hub_subscription(self, name: str, project_id: str) -> None:
+        """The triggerer process's own subscription to every status (see triggers/status_hub.py)."""
+        client = await self._subscriber()
+        await client.create_subscription(
+            request={
+                "name": name,
+                "topic": f"projects/{project_id}/topics/{STATUS_TOPIC}",
+                "ack_deadline_seconds": HUB_ACK_DEADLINE_SECONDS,
+                "expiration_policy": ExpirationPolicy(ttl=Duration(seconds=SUBSCRIPTION_TTL_SECONDS)),
+                "message_retention_duration": Duration(seconds=HUB_RETENTION_SECONDS),
+                "labels": {"managed-by": "airflow-batchvm", "batchvm-role": "status-hub",
+                           "batchvm-created": str(int(time.time()))},
+            },
+            retry=AsyncRetry(predicate=if_exception_type(*_TRANSIENT), timeout=60),
+        )
+
+    async def delete_subscription(self, name: str) -> None:
+        client = await self._subscriber()
+        with contextlib.suppress(gexc.NotFound):
+            await client.delete_subscription(
+                request={"subscription": name},
+                retry=AsyncRetry(predicate=if_exception_type(*_TRANSIENT), timeout=30),
             )
 
     async def get_vm(self, *, project_id: str, zone: str, vm_name: str) -> compute_v1.Instance | None:

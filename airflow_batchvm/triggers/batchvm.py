@@ -8,19 +8,22 @@ Airflow calls when a user kills the deferred task and nothing else would clean u
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.configuration import conf
+from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 from google.api_core import exceptions as gexc
 from google.pubsub_v1.types import ReceivedMessage
 
 from airflow_batchvm.hooks.batchvm import BatchVmAsyncHook, JobNames
 from airflow_batchvm.timeline import log_step
+from airflow_batchvm.triggers.status_hub import CATCH_UP, HUB_READY_SECONDS, StatusHub, hub_key, status_hub
 from airflow_batchvm.wire import Status, StatusMessage, WireError
 
 # Event status for a VM that stopped or vanished without reporting a terminal status.
@@ -42,6 +45,9 @@ MAX_PULL_SECONDS = 30.0
 # Shorter pulls are answered at once, empty (seen on the emulator at 1 s and less; the benchmark
 # counted thousands of such pulls an hour), so a liveness check may come up to this much late.
 MIN_PULL_SECONDS = 2.0
+# A wait reads its own subscription in pulls of this size until one comes back empty.
+CATCH_UP_BATCH = 1000
+CATCH_UP_MAX_PULLS = 20
 # An event is held until this long after the watch began: Airflow 3.3 can fail a task whose trigger
 # fires within about 2 s of deferring (apache/airflow#71580), and a retried task that reattaches
 # to a job that already ended would otherwise hit that on every try.
@@ -109,13 +115,13 @@ class StatusFilter:
         for item in received:
             attrs = item.message.attributes
             if attrs.get("job_id", self.job_id) != self.job_id:
-                self.ack_ids.append(item.ack_id)
+                self._ack(item)
                 continue
             try:
                 status = StatusMessage.from_pubsub(item.message.data)
             except WireError as exc:
                 log.warning("Dropped a malformed status message for job %s: %s", self.job_id, exc)
-                self.ack_ids.append(item.ack_id)
+                self._ack(item)
                 continue
             if (
                 status.job_id != self.job_id
@@ -123,7 +129,7 @@ class StatusFilter:
                 or status.task_index != self.task_index
                 or (self.vm_name and status.vm_name and status.vm_name != self.vm_name)
             ):
-                self.ack_ids.append(item.ack_id)
+                self._ack(item)
                 continue
             self.last_heard = time.monotonic()
             if status.status.terminal:
@@ -133,11 +139,15 @@ class StatusFilter:
                     terminal = status
                     self.steps.append((status.status.value, _outcome(status, self.started), status.time.timestamp()))
                 continue
-            self.ack_ids.append(item.ack_id)
+            self._ack(item)
             if status.status is Status.STARTED and self.started is None:
                 self.started = status
                 self.steps.append(("STARTED", f"on {status.vm_name} ({status.zone})", status.time.timestamp()))
         return terminal
+
+    def _ack(self, item: ReceivedMessage) -> None:
+        if item.ack_id:  # a status handed over by the hub has none: the hub acked it on its own
+            self.ack_ids.append(item.ack_id)
 
     def log_steps(self, log: Any) -> None:
         for step, detail, at in sorted(self.steps, key=lambda s: s[2]):
@@ -194,7 +204,50 @@ def vm_lost_event(
     }
 
 
-class BatchVmJobTrigger(BaseTrigger):
+class SharedStatusPull(BaseEventTrigger):
+    """Waits whose statuses come from their triggerer process's one shared pull (status_hub.py).
+
+    A ``BaseEventTrigger`` only for Airflow's shared trigger streams, which give that pull its
+    lifecycle; nothing here schedules DAGs on assets. ``run()`` (``airflow dags test``, or
+    ``[batchvm] shared_status_pull = False``) long-polls the wait's own subscription instead.
+    """
+
+    # BaseEventTrigger turns this off for asset watchers; a task's wait may go to a triggerer queue.
+    supports_triggerer_queue = True
+
+    gcp_conn_id: str
+    project_id: str
+    impersonation_chain: str | Sequence[str] | None
+
+    def shared_stream_key(self) -> Hashable | None:
+        if not conf.getboolean("batchvm", "shared_status_pull", fallback=True):
+            return None
+        return hub_key(self.gcp_conn_id, self.project_id, self.impersonation_chain)
+
+    @classmethod
+    async def open_shared_stream(cls, kwargs: dict[str, Any]) -> AsyncIterator[Any]:
+        """The process's status pull; it yields nothing, since each status goes to its own wait."""
+        key = hub_key(kwargs.get("gcp_conn_id", "google_cloud_default"), kwargs["project_id"],
+                      kwargs.get("impersonation_chain"))
+        hook = BatchVmAsyncHook(gcp_conn_id=key[1], impersonation_chain=kwargs.get("impersonation_chain"))
+        await status_hub(key).run(hook, logging.getLogger(__name__))
+        return
+        yield
+
+    async def filter_shared_stream(self, shared_stream: AsyncIterator[Any]) -> AsyncIterator[TriggerEvent]:
+        hub = status_hub(hub_key(self.gcp_conn_id, self.project_id, self.impersonation_chain))
+        async for event in self.events(hub):
+            yield event
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        async for event in self.events(None):
+            yield event
+
+    def events(self, hub: StatusHub | None) -> AsyncIterator[TriggerEvent]:
+        raise NotImplementedError
+
+
+class BatchVmJobTrigger(SharedStatusPull):
     """Fires once with the job's terminal status, or with ``VM_LOST`` if its VM died or fell silent.
 
     :param job_id: the job to watch.
@@ -272,15 +325,63 @@ class BatchVmJobTrigger(BaseTrigger):
     def _hook(self) -> BatchVmAsyncHook:
         return BatchVmAsyncHook(gcp_conn_id=self.gcp_conn_id, impersonation_chain=self.impersonation_chain)
 
-    async def run(self) -> AsyncIterator[TriggerEvent]:
-        event = await self.watch()
+    async def events(self, hub: StatusHub | None) -> AsyncIterator[TriggerEvent]:
+        event = await self.watch(hub)
         await _hold_until(self._earliest_event)
         yield TriggerEvent(event)
 
-    async def watch(self) -> dict[str, Any]:
-        """The event's payload, once there is one: what :meth:`run` yields, and a task group awaits."""
-        hook = self._hook()
+    async def watch(self, hub: StatusHub | None = None) -> dict[str, Any]:
+        """The event's payload, once there is one: what the trigger yields, and a task group awaits.
+
+        With a ``hub``, statuses come from the process's shared pull into this wait's mailbox;
+        without, from a long poll of the job's own status subscription.
+        """
         self._earliest_event = time.monotonic() + self.earliest_event_seconds
+        if hub is None:
+            return await self._watch(None)
+        mailbox = hub.register(self.job_id, self.task_index or 0)
+        try:
+            if await hub.wait_ready(HUB_READY_SECONDS):
+                return await self._watch(mailbox)
+        finally:
+            hub.unregister(self.job_id, self.task_index or 0, mailbox)
+        self.log.warning(
+            "The shared status pull is not up after %.0f s; pulling this job's own subscription instead",
+            HUB_READY_SECONDS,
+        )
+        return await self._watch(None)
+
+    async def _receive(self, hook: BatchVmAsyncHook, mailbox: asyncio.Queue | None, wait: float) -> list:
+        """Statuses that arrived within ``wait`` seconds, with the ack ids of the job's subscription."""
+        if mailbox is None:
+            return await hook.pull_statuses(self.names, timeout=max(MIN_PULL_SECONDS, wait))
+        try:
+            items = [await asyncio.wait_for(mailbox.get(), timeout=wait)]
+        except TimeoutError:
+            return []
+        while not mailbox.empty():
+            items.append(mailbox.get_nowait())
+        received = [item for item in items if item is not CATCH_UP]
+        if len(received) < len(items):
+            received += await self._read_own_subscription(hook)
+        return received
+
+    async def _read_own_subscription(self, hook: BatchVmAsyncHook) -> list[ReceivedMessage]:
+        """All that waits on the job's own subscription: what was published before the hub's began.
+
+        Pulled until empty, unacked meanwhile, so that each pull hands out other messages; a
+        long job's heartbeats pile up there while the hub serves its wait.
+        """
+        received: list[ReceivedMessage] = []
+        for _ in range(CATCH_UP_MAX_PULLS):
+            batch = await hook.pull_statuses(self.names, timeout=MIN_PULL_SECONDS, max_messages=CATCH_UP_BATCH)
+            received += batch
+            if not batch:
+                break
+        return received
+
+    async def _watch(self, mailbox: asyncio.Queue | None) -> dict[str, Any]:
+        hook = self._hook()
         statuses = StatusFilter(self.job_id, self.attempt, self.vm_name, self.submitted_at, self.task_index or 0)
         # Measured from submission, so a triggerer restart does not reset it; but a restarted watcher
         # first gives a running job the time to send a heartbeat (its STARTED was acked already).
@@ -291,9 +392,9 @@ class BatchVmJobTrigger(BaseTrigger):
         next_check = time.monotonic() + min(self.liveness_check_seconds, 1.0)
         backoff = 1.0
         while True:
-            wait = min(MAX_PULL_SECONDS, max(MIN_PULL_SECONDS, next_check - time.monotonic()))
+            wait = min(MAX_PULL_SECONDS, max(0.0, next_check - time.monotonic()))
             try:
-                terminal = statuses.take(await hook.pull_statuses(self.names, timeout=wait), self.log)
+                terminal = statuses.take(await self._receive(hook, mailbox, wait), self.log)
                 await hook.acknowledge(self.names, statuses.drain_acks())
                 backoff = 1.0
             except (gexc.ServiceUnavailable, gexc.InternalServerError, gexc.Unknown) as exc:
@@ -310,7 +411,7 @@ class BatchVmJobTrigger(BaseTrigger):
             if silent:
                 return silent
             if time.monotonic() >= next_check:
-                lost = await self._vm_lost(hook, statuses)
+                lost = await self._vm_lost(hook, statuses, mailbox)
                 interval = self.liveness_check_seconds if self._vm_state == "RUNNING" else BOOT_CHECK_SECONDS
                 next_check = time.monotonic() + min(self.liveness_check_seconds, interval)
                 if lost:
@@ -332,11 +433,23 @@ class BatchVmJobTrigger(BaseTrigger):
         self.log.warning("Job %s: %s", self.job_id, reason)
         return vm_lost_event(self.names, self.attempt, self.vm_name, self.zone, reason, statuses.started)
 
-    async def _vm_lost(self, hook: BatchVmAsyncHook, statuses: StatusFilter) -> dict[str, Any] | None:
+    async def _vm_lost(
+        self, hook: BatchVmAsyncHook, statuses: StatusFilter, mailbox: asyncio.Queue | None = None
+    ) -> dict[str, Any] | None:
         """A VM that is down or gone gets one last look for its final status before we call it lost."""
         state = await self._observe_vm(hook)
         if state not in VM_DOWN_STATES and state != "DELETED":
             return None
+        if mailbox is not None:  # handed over by the hub while the VM was looked at
+            handed = []
+            while not mailbox.empty():
+                item = mailbox.get_nowait()
+                if item is not CATCH_UP:
+                    handed.append(item)
+            terminal = statuses.take(handed, self.log)
+            if terminal:
+                statuses.log_steps(self.log)
+                return status_event(self.project_id, terminal, statuses.started)
         # The agent publishes before it powers off: anything it said is on the subscription, though
         # Pub/Sub may take a moment to hand it out (after an outage, say). A long poll returns as
         # soon as it arrives, so this costs time only when the VM really died silent.
@@ -344,11 +457,14 @@ class BatchVmJobTrigger(BaseTrigger):
         deadline = time.monotonic() + FINAL_LOOK_SECONDS
         while terminal is None and time.monotonic() < deadline:
             try:
-                received = await hook.pull_statuses(self.names, timeout=max(0.5, deadline - time.monotonic()))
+                received = await hook.pull_statuses(
+                    self.names, timeout=max(0.5, deadline - time.monotonic()), max_messages=CATCH_UP_BATCH
+                )
+                terminal = statuses.take(received, self.log)
+                await hook.acknowledge(self.names, statuses.drain_acks())
             except (gexc.ServiceUnavailable, gexc.InternalServerError, gexc.Unknown):
                 await asyncio.sleep(1.0)
                 continue
-            terminal = statuses.take(received, self.log)
             statuses.log_steps(self.log)
         if terminal:
             return status_event(self.project_id, terminal, statuses.started)
@@ -393,7 +509,7 @@ class BatchVmJobTrigger(BaseTrigger):
         self.log.info("Deleted VM %s and the job's subscriptions", self.vm_name)
 
 
-class BatchVmTasksTrigger(BaseTrigger):
+class BatchVmTasksTrigger(SharedStatusPull):
     """Watches the running tasks of a multi-task job, one :class:`BatchVmJobTrigger` per task.
 
     Fires with every task that ended (``tasks``: index → that task's event) once the task needs
@@ -481,10 +597,10 @@ class BatchVmTasksTrigger(BaseTrigger):
         watcher._log = self.log  # its lines belong in this task's log
         return watcher
 
-    async def run(self) -> AsyncIterator[TriggerEvent]:
+    async def events(self, hub: StatusHub | None) -> AsyncIterator[TriggerEvent]:
         earliest = time.monotonic() + self.earliest_event_seconds
         watches = {
-            asyncio.ensure_future(self.watcher(task).watch()): task["task_index"] for task in self.tasks
+            asyncio.ensure_future(self.watcher(task).watch(hub)): task["task_index"] for task in self.tasks
         }
         ended: dict[str, dict[str, Any]] = {}
         try:

@@ -18,7 +18,7 @@ from google.cloud import compute_v1
 
 from airflow_batchvm.operators.batchvm import BatchVmRunJobOperator
 from airflow_batchvm.sensors.batchvm import BatchVmJobFailed
-from tests.helpers import IMAGE, run_deferred, task_context
+from tests.helpers import IMAGE, first_event, run_deferred, task_context
 
 pytestmark = pytest.mark.integration
 
@@ -117,14 +117,14 @@ async def test_f9_a_status_published_while_the_triggerer_is_down_is_not_lost(clo
         await asyncio.to_thread(op.execute, context)
     _, kwargs = deferred.value.trigger.serialize()
     # The first triggerer watches, then dies mid-wait (its task is cancelled, as on shutdown).
-    first = asyncio.ensure_future(deferred.value.trigger.run().asend(None))
+    first = asyncio.ensure_future(first_event(deferred.value.trigger))
     await asyncio.sleep(1.5)
     first.cancel()
     # While no triggerer runs, the job finishes and its VM powers off.
     await cloud.wait_for_vm(kwargs["vm_name"], "TERMINATED", timeout=30)
     # A new triggerer process rebuilds the trigger from its serialized form and still sees FINISHED.
     revived = type(deferred.value.trigger)(**kwargs)
-    event = await asyncio.wait_for(revived.run().asend(None), timeout=30)
+    event = await asyncio.wait_for(first_event(revived), timeout=30)
     assert event.payload["status"] == "FINISHED"
     await asyncio.to_thread(op.execute_complete, context, event.payload, **deferred.value.kwargs)
 
@@ -134,7 +134,7 @@ async def test_f10_killing_the_deferred_task_deletes_vm_and_subscriptions(cloud)
     with pytest.raises(TaskDeferred) as deferred:
         await asyncio.to_thread(op.execute, task_context("f10"))
     trigger = deferred.value.trigger
-    waiting = asyncio.ensure_future(trigger.run().asend(None))
+    waiting = asyncio.ensure_future(first_event(trigger))
     await cloud.wait_for_vm(trigger.vm_name, "RUNNING")
     waiting.cancel()  # the triggerer cancels the trigger, then calls on_kill (Airflow 3.3)
     await trigger.on_kill()

@@ -32,8 +32,8 @@ def received(status: StatusMessage | bytes, ack_id: str, **attributes) -> Receiv
     return ReceivedMessage(ack_id=ack_id, message=PubsubMessage(data=data, attributes={**attrs, **attributes}))
 
 
-def status(kind: Status, job_id="job-1", attempt=2, **fields) -> StatusMessage:
-    return StatusMessage(job_id=job_id, attempt=attempt, status=kind, vm_name="bvm-job-1", zone="z", **fields)
+def status(kind: Status, job_id="job-1", attempt=2, vm_name="bvm-job-1", **fields) -> StatusMessage:
+    return StatusMessage(job_id=job_id, attempt=attempt, status=kind, vm_name=vm_name, zone="z", **fields)
 
 
 @pytest.fixture(autouse=True)
