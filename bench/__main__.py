@@ -33,8 +33,8 @@ PLANS = {
         "p1_n": 20,
         "p1_idle_window": 6.0,
         "p3_n": 100,
-        "p3_variants": ("ours", "hub"),
-        "p3_idle": {"ours": 6.0, "hub": 6.0},
+        "p3_variants": ("ours", "perjob"),
+        "p3_idle": {"ours": 6.0, "perjob": 6.0},
         "p3_deadline": 15.0,
         "p3_restart": False,
         "p3_baseline": False,
@@ -50,9 +50,9 @@ PLANS = {
         "p1_n": 40,
         "p1_idle_window": 15.0,
         "p3_n": 1000,
-        "p3_variants": ("ours", "hub", "stock10", "null"),
-        # ours and the prototype: a window that holds one liveness round (every 60 s per wait)
-        "p3_idle": {"ours": 62.0, "hub": 62.0, "stock10": 15.0, "null": 10.0},
+        "p3_variants": ("ours", "perjob", "stock10", "null"),
+        # ours, both ways: a window that holds one liveness round (every 60 s per wait)
+        "p3_idle": {"ours": 62.0, "perjob": 62.0, "stock10": 15.0, "null": 10.0},
         "p3_deadline": 40.0,
         "p3_restart": True,
         "p3_baseline": True,

@@ -119,7 +119,7 @@ def start_airflow(ctx: Context, before_components=None) -> None:
     pool = threading.Thread(target=_vm_pool, args=(ctx,), daemon=True)
     pool.start()
     start_seconds = airflow.start()
-    airflow.wait_for_dags(["bench_ours", "bench_stock_10", "bench_stock_1", "bench_p3_ours", "bench_p3_hub"])
+    airflow.wait_for_dags(["bench_ours", "bench_stock_10", "bench_stock_1", "bench_p3_ours", "bench_p3_perjob"])
     pool.join(timeout=60)
     ctx.log(f"Airflow up ({migrate_seconds:.0f} s migrate, {start_seconds:.0f} s start)")
     ctx.results["setup"] = {

@@ -23,7 +23,7 @@ from bench.stats import summary
 
 VARIANTS = {
     "ours": {"v": "p3-ours", "job": "p3o-{i}", "status_sub": "batchvm-status-p3o-{i}"},
-    "hub": {"v": "p3-hub", "job": "p3h-{i}", "status_sub": "batchvm-status-p3h-{i}"},
+    "perjob": {"v": "p3-perjob", "job": "p3p-{i}", "status_sub": "batchvm-status-p3p-{i}"},
     "stock10": {"v": "p3-stock10", "job": "bench-s3-{i}", "topic": "bench-s3-{i}"},
     "stock1": {"v": "p3-stock1", "job": "bench-s1-{i}", "topic": "bench-s1-{i}"},
     "null": {"v": "p3-null", "job": "p3n-{i}"},
@@ -128,7 +128,7 @@ def run_variant(
     detection: dict[str, float] = {}
     wrong: dict[str, str] = {}
     published: dict[str, float] = {}
-    probe = _Probe(ctx) if variant in ("ours", "hub") else None
+    probe = _Probe(ctx) if variant in ("ours", "perjob") else None
     if variant != "null":
         order = sorted(keys)
         random.Random(7).shuffle(order)
@@ -165,11 +165,6 @@ def run_variant(
             time.sleep(0.5)
     peak = max(rss_samples)
     probe_result = probe.stop(published) if probe else None
-    received_at: dict[str, float] = {}
-    for e in ctx.tail.events:
-        if e["k"] == "hub_recv":
-            for job in e.get("jobs", []):
-                received_at.setdefault(job, e["t"])
     try:
         ctx.airflow.fail_run(f"bench_p3_{variant}", run_id)
     except Exception as exc:
@@ -198,11 +193,6 @@ def run_variant(
             "wrong_status": len(wrong),
             "deadline_seconds": deadline_seconds,
             "emulator_delivery_seconds": probe_result,
-            "shared_pull_received_seconds": summary(
-                received_at[k] - t for k, t in published.items() if k in received_at
-            )
-            if received_at
-            else None,
         }
     return result
 
@@ -231,10 +221,8 @@ def run_detection(
         time.sleep(0.5)
     t_all = max(started.values(), default=time.time())
     ctx.log(f"P1 batch: {len(started)}/{len(keys)} waits running {t_all - t_trigger:.0f} s after triggering")
-    if first_checks and ("ours" in variants or "hub" in variants):
-        _wait_first_checks(
-            ctx, "ours", n * sum(v in ("ours", "hub") for v in variants), t_trigger, timeout=60
-        )
+    if first_checks and ("ours" in variants or "perjob" in variants):
+        _wait_first_checks(ctx, "ours", n, t_trigger, timeout=60)
     time.sleep(2)
     w0 = time.time()
     time.sleep(idle_seconds)
@@ -351,26 +339,17 @@ def _first_pulls(ctx: Context, variant: str, key: str, t_start: float, seconds: 
 
 
 def _wait_first_checks(ctx: Context, variant: str, n: int, since: float, timeout: float) -> float:
-    """Until each wait has made its first liveness check (the prototype: its first shared list)."""
+    """Until the waits have made their first liveness check: one ``instances.list`` per zone answers all
+    of them (the shipped trigger's ``VmBoard``)."""
     if variant in ("null", "stock10", "stock1"):
         return time.time()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ctx.tail.poll()
-        if variant == "hub":
-            done = any(
-                e["k"] == "http" and e["t"] >= since and e.get("p", "").endswith("/instances")
-                for e in ctx.tail.events
-            )
-        else:
-            done = (
-                sum(
-                    1
-                    for e in ctx.tail.events
-                    if e["k"] == "http" and e["t"] >= since and "/instances/bvm-p3-" in e.get("p", "")
-                )
-                >= n
-            )
+        done = any(
+            e["k"] == "http" and e["t"] >= since and e.get("p", "").endswith("/instances")
+            for e in ctx.tail.events
+        )
         if done:
             return time.time()
         time.sleep(1)

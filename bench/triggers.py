@@ -15,24 +15,54 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Hashable
 from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TaskSuccessEvent, TriggerEvent
+from airflow.triggers.base import BaseEventTrigger, BaseTrigger, TaskSuccessEvent, TriggerEvent
 
 from bench.instrument import emit
 
 
-def _build(classpath: str, kwargs: dict[str, Any], outer: BaseTrigger) -> BaseTrigger:
+def _class(classpath: str) -> type[BaseTrigger]:
     module, _, name = classpath.rpartition(".")
-    inner = getattr(importlib.import_module(module), name)(**kwargs)
+    return getattr(importlib.import_module(module), name)
+
+
+def _build(classpath: str, kwargs: dict[str, Any], outer: BaseTrigger) -> BaseTrigger:
+    inner = _class(classpath)(**kwargs)
     for attr in ("task_instance", "trigger_id", "triggerer_job_id", "timeout_after"):
         if hasattr(outer, attr):
             setattr(inner, attr, getattr(outer, attr))
     return inner
 
 
-class TimedTrigger(BaseTrigger):
+class _Delegating(BaseEventTrigger):
+    """Lets the triggerer run the inner trigger as it would run it unwrapped: through Airflow's shared
+    trigger stream when the inner trigger has one (the shipped trigger's one status pull per process),
+    else through its ``run()``. ``shared_pull=False`` forces ``run()`` (a long poll per job: the
+    design before the shared pull, measured beside it)."""
+
+    supports_triggerer_queue = True  # BaseEventTrigger turns it off for asset watchers
+    inner: str
+    inner_kwargs: dict[str, Any]
+    shared_pull: bool = True
+
+    def shared_stream_key(self) -> Hashable | None:
+        if not self.shared_pull:
+            return None
+        inner = _class(self.inner)(**self.inner_kwargs)
+        return inner.shared_stream_key() if isinstance(inner, BaseEventTrigger) else None
+
+    @classmethod
+    async def open_shared_stream(cls, kwargs: dict[str, Any]) -> AsyncIterator[Any]:
+        async for raw in _class(kwargs["inner"]).open_shared_stream(kwargs["inner_kwargs"]):
+            yield raw
+
+    def _events(self, inner: BaseTrigger, shared_stream: AsyncIterator[Any] | None) -> AsyncIterator[TriggerEvent]:
+        return inner.run() if shared_stream is None else inner.filter_shared_stream(shared_stream)
+
+
+class TimedTrigger(_Delegating):
     """Runs the trigger ``inner`` (a classpath) built from ``inner_kwargs``; records start and yields."""
 
     def __init__(self, *, inner: str, inner_kwargs: dict[str, Any], variant: str, key: str) -> None:
@@ -61,9 +91,17 @@ class TimedTrigger(BaseTrigger):
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        async for event in self._timed(None):
+            yield event
+
+    async def filter_shared_stream(self, shared_stream: AsyncIterator[Any]) -> AsyncIterator[TriggerEvent]:
+        async for event in self._timed(shared_stream):
+            yield event
+
+    async def _timed(self, shared_stream: AsyncIterator[Any] | None) -> AsyncIterator[TriggerEvent]:
         self._built = inner = _build(self.inner, self.inner_kwargs, self)
         emit("trig_start", v=self.variant, key=self.key)
-        async for event in inner.run():
+        async for event in self._events(inner, shared_stream):
             payload = event.payload if isinstance(event.payload, dict) else {}
             emit("trig_yield", v=self.variant, key=self.key, status=payload.get("status"))
             yield event
@@ -93,15 +131,18 @@ def fill(kwargs: dict[str, Any], index: int, vm_pool: int) -> dict[str, Any]:
     return {k: v.format(i=index, vm=vm) if isinstance(v, str) else v for k, v in kwargs.items()}
 
 
-class P3Trigger(BaseTrigger):
+class P3Trigger(_Delegating):
     """One of the P3 waits: the inner trigger for job ``{i}``; ends the task once it yields."""
 
-    def __init__(self, *, inner: str, inner_kwargs: dict[str, Any], variant: str, vm_pool: int = 0) -> None:
+    def __init__(
+        self, *, inner: str, inner_kwargs: dict[str, Any], variant: str, vm_pool: int = 0, shared_pull: bool = True
+    ) -> None:
         super().__init__()
         self.inner = inner
         self.inner_kwargs = inner_kwargs
         self.variant = variant
         self.vm_pool = vm_pool
+        self.shared_pull = shared_pull
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -111,16 +152,25 @@ class P3Trigger(BaseTrigger):
                 "inner_kwargs": self.inner_kwargs,
                 "variant": self.variant,
                 "vm_pool": self.vm_pool,
+                "shared_pull": self.shared_pull,
             },
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        async for event in self._wait(None):
+            yield event
+
+    async def filter_shared_stream(self, shared_stream: AsyncIterator[Any]) -> AsyncIterator[TriggerEvent]:
+        async for event in self._wait(shared_stream):
+            yield event
+
+    async def _wait(self, shared_stream: AsyncIterator[Any] | None) -> AsyncIterator[TriggerEvent]:
         index = map_index_of(self)
         kwargs = fill(self.inner_kwargs, index, self.vm_pool)
         inner = _build(self.inner, kwargs, self)
         key = str(kwargs.get("job_id") or kwargs.get("subscription") or index)
         emit("trig_start", v=self.variant, key=key)
-        async for event in inner.run():
+        async for event in self._events(inner, shared_stream):
             payload = event.payload if isinstance(event.payload, dict) else {}
             emit("trig_yield", v=self.variant, key=key, status=payload.get("status"))
             yield TaskSuccessEvent()

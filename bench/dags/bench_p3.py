@@ -1,4 +1,4 @@
-"""``bench_p3_{ours,hub,stock10,stock1,null}``: ``BENCH_P3_N`` waits (``bench_p1_*``: ``BENCH_P1_N``) started straight in the triggerer
+"""``bench_p3_{ours,perjob,stock10,stock1,null}``: ``BENCH_P3_N`` waits (``bench_p1_*``: ``BENCH_P1_N``) started straight in the triggerer
 (mapped, ``start_from_trigger``), each ending its task from the triggerer. No worker parses this file.
 """
 
@@ -25,7 +25,7 @@ P3_WAIT = {
     "liveness_check_seconds": P3_LIVENESS,
 }
 P3_VARIANTS = {
-    # ours as shipped, each wait on its own status subscription
+    # ours as shipped: one shared status pull per triggerer process (Airflow's shared trigger stream)
     "ours": (
         "bench.triggers.P3Trigger",
         {
@@ -35,8 +35,18 @@ P3_VARIANTS = {
             "vm_pool": P3_VM_POOL,
         },
     ),
-    # the prototype: one shared pull per triggerer process (bench/hub.py)
-    "hub": ("bench.hub.P3HubTrigger", {**P3_WAIT, "job_id": "p3h-{i}", "vm_pool": P3_VM_POOL}),
+    # the same trigger with a long poll of its own job's status subscription per wait (the design
+    # before the shared pull; what ``[batchvm] shared_status_pull = False`` runs)
+    "perjob": (
+        "bench.triggers.P3Trigger",
+        {
+            "inner": "airflow_batchvm.triggers.batchvm.BatchVmJobTrigger",
+            "inner_kwargs": {**P3_WAIT, "job_id": "p3p-{i}"},
+            "variant": "p3-perjob",
+            "vm_pool": P3_VM_POOL,
+            "shared_pull": False,
+        },
+    ),
     # the stock trigger at its default poke_interval (10 s), each on its own subscription and topic
     "stock10": (
         "bench.triggers.P3Trigger",
