@@ -617,7 +617,7 @@ def _recommendations(w, r: dict) -> None:
         )
         w(
             "   - `open_shared_stream` creates a subscription of its own on `batch_jobs_status` (1-day expiry, 10-minute "
-            "retention, deleted when it ends, found by `batchvm gc` by label), long-polls it, acks each batch at once, and "
+            "retention, deleted when it ends), long-polls it, acks each batch at once, and "
             "hands each status to the wait for its `(job_id, task_index)` through a per-process dict of queues. The "
             "stream's own fan-out is not used: it would wake every wait for every status;"
         )

@@ -119,8 +119,9 @@ class StatusHub:
     async def run(self, hook: BatchVmAsyncHook, log: Any) -> None:
         """Subscribe, then pull, ack and dispatch until cancelled; never ends on an error.
 
-        The subscription goes when the pull ends; one left by a killed process expires after a
-        day unread, keeps its messages ten minutes only, and ``batchvm gc`` finds it by label.
+        The subscription goes when the pull ends. One left by a killed process expires after a day
+        unread and keeps its messages ten minutes only; ``batchvm gc`` leaves it, since it cannot
+        tell a live triggerer's from a dead one.
         """
         name = f"projects/{self.project_id}/subscriptions/{hub_subscription_id()}"
         backoff = HUB_RETRY_SECONDS
