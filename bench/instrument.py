@@ -81,7 +81,7 @@ def read_events(path: str | os.PathLike) -> list[dict]:
 
 def _resource(request: Any) -> str:
     """The subscription or topic a Pub/Sub request is about (short name)."""
-    for field in ("subscription", "topic", "name"):
+    for field in ("subscription", "name", "topic"):
         value = getattr(request, field, None)
         if isinstance(value, str) and value:
             return value.rsplit("/", 1)[-1]

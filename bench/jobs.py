@@ -57,10 +57,27 @@ async def run_task(operator, context, on_defer=None) -> Any:
         except TaskDeferred as deferred:
             if on_defer is not None:
                 on_defer()
-            event = await deferred.trigger.run().asend(None)
+            event = await _first_event(deferred.trigger)
             step = partial(
                 getattr(operator, deferred.method_name), context, event.payload, **(deferred.kwargs or {})
             )
+
+
+async def _first_event(trigger) -> Any:
+    """The trigger's first event, as the triggerer gets it: through Airflow's shared trigger stream
+    when the trigger has one (ours: the process's one status pull), else from ``run()``."""
+    from airflow.triggers.base import BaseEventTrigger
+    from airflow.triggers.shared_stream import SharedStreamManager
+
+    key = trigger.shared_stream_key() if isinstance(trigger, BaseEventTrigger) else None
+    if key is None:
+        return await trigger.run().asend(None)
+    manager = SharedStreamManager()
+    stream = manager.subscribe(trigger_id=1, trigger=trigger, key=key)
+    try:
+        return await trigger.filter_shared_stream(stream).__anext__()
+    finally:
+        await manager.unsubscribe(1, key)
 
 
 def ours(job_id: str, seconds: float, keep_vm: bool) -> dict:

@@ -498,11 +498,19 @@ def _details(w, r: dict) -> None:
             for seconds, job in by_duration.items():
                 af = g(job, "airflow_side", "by_method") or {}
                 vm = g(job, "vm_side", "by_method") or {}
+                hub = g(job, "airflow_side", "shared_pull_by_method") or {}
                 w(
                     f"- {scenario}, {seconds} s job ({job.get('status')}): Airflow side {af}"
                     + (f"; VM side {vm}" if vm else "")
+                    + (f"; the triggerer's shared status pull (not counted per job) {hub}" if hub else "")
                 )
         w("")
+        w(
+            "The shared status pull's calls belong to the triggerer process, not to a job: at N waiting jobs each "
+            "carries 1/N of them. Its subscription is made and deleted once per triggerer process and key; it long-polls "
+            "for up to 30 s and returns as soon as statuses arrive, so while jobs run it makes about one pull and one ack "
+            "per batch of statuses (heartbeats included), whatever the number of jobs.\n"
+        )
 
 
 def _profile(w, r: dict) -> None:
