@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 import pytest
@@ -108,6 +109,36 @@ async def test_f8_pubsub_down_for_30_s_mid_job_loses_nothing(cloud, local_stack)
 
     result, _ = await asyncio.gather(run_deferred(op, context), outage())
     assert result["status"] == "FINISHED"
+
+
+def _hubs(cloud) -> set[str]:
+    return {name for name in cloud.job_subscriptions() if name.startswith("batchvm-hub-")}
+
+
+async def test_the_shared_status_pull_outlives_losing_its_subscription(cloud, caplog):
+    """Pub/Sub drops the triggerer's shared subscription mid-job (an expiry, an emulator reset): the
+    pull makes a new one and the wait still sees FINISHED, which went by while there was none. No
+    liveness check can end the wait here (the next is 10 minutes away): only the shared pull can."""
+    op = run_op(cloud, "hubgone", liveness_check_seconds=600, heartbeat_timeout_seconds=None,
+                command=["sh", "-c", "echo sleeping; sleep 6; echo done"])
+    context = task_context("hubgone")
+
+    async def drop_the_shared_subscription():
+        job_id = await asyncio.to_thread(lambda: op.build_spec(context).job_id)
+        await cloud.wait_for_output(f"bvm-{job_id}", "sleeping")
+        hubs = await asyncio.to_thread(_hubs, cloud)
+        assert len(hubs) == 1, hubs
+        await asyncio.to_thread(
+            cloud.subscriber.delete_subscription, subscription=f"projects/{cloud.project}/subscriptions/{hubs.pop()}"
+        )
+
+    with caplog.at_level(logging.WARNING, logger="airflow_batchvm"):
+        result, _ = await asyncio.wait_for(
+            asyncio.gather(run_deferred(op, context), drop_the_shared_subscription()), timeout=150
+        )
+    assert result["status"] == "FINISHED"
+    assert "is gone; making it again" in caplog.text
+    cloud.assert_nothing_left()
 
 
 async def test_f9_a_status_published_while_the_triggerer_is_down_is_not_lost(cloud):
