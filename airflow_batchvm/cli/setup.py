@@ -360,7 +360,7 @@ def setup(
         str, typer.Option(help="batchvm-container-run-args: extra `run` flags.")
     ] = "",
     heartbeat_seconds: Annotated[
-        float | None, typer.Option(help="batchvm-heartbeat-seconds (agent default 30).", show_default=False)
+        float | None, typer.Option(help="batchvm-heartbeat-seconds (agent default 60).", show_default=False)
     ] = None,
     image_allowlist: Annotated[
         list[str] | None,

@@ -27,6 +27,7 @@ from google.api_core.retry import Retry, if_exception_type
 from google.api_core.retry_async import AsyncRetry
 from google.cloud import pubsub_v1
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
 from google.pubsub_v1.services.subscriber.async_client import SubscriberAsyncClient
 from google.pubsub_v1.types import ExpirationPolicy, ReceivedMessage
 
@@ -230,6 +231,18 @@ class BatchVmHook(GoogleBaseHook):
                 self.subscriber.delete_subscription(request={"subscription": name}, retry=API_RETRY)
             except gexc.NotFound:
                 pass
+
+    def release_job(self, names: JobNames) -> None:
+        """Make the job's unacked message deliverable now, for a replacement VM.
+
+        A lost VM's agent held the message's lease (up to 10 minutes, extended while the job ran);
+        a seek to a time before the job was published marks it unacknowledged at once, so the
+        replacement does not wait for that lease to run out. Acked messages are not retained, so
+        nothing that was done comes back.
+        """
+        self.subscriber.seek(
+            request={"subscription": names.job_subscription, "time": Timestamp(seconds=0)}, retry=API_RETRY
+        )
 
     def publish_job(self, names: JobNames, spec: JobSpec) -> str:
         data, attributes = spec.to_pubsub()

@@ -458,7 +458,9 @@ class BatchVmRunJobOperator(JobWaitMixin, BatchVmSubmitJobOperator):
                 if (lost and task["vm_attempt"] < self.max_vm_attempts) or (not lost and failures <= self.task_retries):
                     self.log.warning("Task %d: %s; it runs again on a new VM", index, _failure_message(ended))
                     self._drop_vm(task_names, task, succeeded=False, wait=False)
-                    if not lost:  # its message was acked with the failure: the retry needs its own
+                    if lost:  # its message is still leased to the lost VM: free it for the next
+                        self.hook.release_job(task_names)
+                    else:  # its message was acked with the failure: the retry needs its own
                         state["failures"][key] = failures
                         self.hook.publish_job(task_names, self.build_spec(context).for_task(index))
                     self._launch(context, state, index, task["vm_attempt"] + 1, first_zone=task["zone"])

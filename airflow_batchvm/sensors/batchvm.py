@@ -132,6 +132,7 @@ class JobWaitMixin:
                 _failure_message(event), vm_attempt + 1, self.max_vm_attempts,
             )
             self.hook.delete_vm(project_id=names.project_id, zone=event["zone"], vm_name=event["vm_name"], wait=False)
+            self.hook.release_job(names)
             zone, vm_name = self.replace_vm(context, names, event, vm_attempt + 1)  # type: ignore[attr-defined]
             return self.wait_for_job(
                 context, names, attempt=event["attempt"], zone=zone, vm_name=vm_name,

@@ -84,6 +84,25 @@ async def test_f4_a_preempted_vm_is_replaced_and_the_job_completes_once(cloud, s
     assert ("PREEMPTED", result["vm_name"].removesuffix("-r2")) in statuses, statuses
 
 
+async def test_f4_a_vm_killed_without_warning_is_replaced_without_waiting_for_its_lease(cloud, status_log):
+    """A VM that dies at once (no notice, no release) still holds its job's lease, 10 minutes by
+    default: the operator frees the job with a seek, so the replacement starts it right away."""
+    op = run_op(cloud, "f4kill", max_vm_attempts=2, command=["sh", "-c", "echo begin; sleep 4; echo end"])
+    context = task_context("f4kill")
+
+    async def kill_once_started():
+        job_id = await asyncio.to_thread(lambda: op.build_spec(context).job_id)
+        await cloud.wait_for_output(f"bvm-{job_id}", "begin")
+        await asyncio.to_thread(cloud.kill, f"bvm-{job_id}")
+
+    (result, seconds), _ = await asyncio.gather(timed(run_deferred(op, context)), kill_once_started())
+    assert result["status"] == "FINISHED"
+    assert result["vm_name"].endswith("-r2")
+    assert seconds < 120, seconds  # the lease the killed agent held has 600 s to run
+    statuses = [(s["status"], s["vm_name"]) for s in status_log(result["job_id"])]
+    assert [s for s in statuses if s[0] in ("FINISHED", "FAILED")] == [("FINISHED", result["vm_name"])], statuses
+
+
 async def test_f5_an_agent_crash_after_started_ends_the_wait(cloud):
     op = run_op(cloud, "f5", vm_metadata={"batchvm-test-crash-after-started": "1"},
                 command=["sh", "-c", "sleep 30"])

@@ -556,7 +556,7 @@ def test_binding_defaults_and_missing_job(md_server):
         1,
         ["docker"],
         [],
-        30.0,
+        60.0,
     )
     md_server.set("instance/attributes/batchvm-job-id", None)
     with pytest.raises(metadata.BindingError, match="batchvm-job-id") as exc:

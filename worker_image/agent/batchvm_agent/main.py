@@ -72,9 +72,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--lease-seconds",
         type=int,
-        default=60,
+        default=600,
         help="ack deadline to keep extending while the job runs, renewed every third of it "
-        "(1-600; below 10 only for tests that need a lapsed lease to show quickly)",
+        "(1-600; below 10 only for tests that need a lapsed lease to show quickly). A replacement "
+        "VM does not wait for a lost VM's lease: the operator frees the job with a seek",
     )
     parser.add_argument(
         "--status-deadline-seconds",

@@ -39,7 +39,7 @@ ATTR_HEARTBEAT_SECONDS = "batchvm-heartbeat-seconds"
 ATTR_IMAGE_ALLOWLIST = "batchvm-image-allowlist"
 
 DEFAULT_CONTAINER_CLI = "docker"
-DEFAULT_HEARTBEAT_SECONDS = 30.0
+DEFAULT_HEARTBEAT_SECONDS = 60.0
 
 
 class MetadataUnavailable(RuntimeError):
