@@ -13,6 +13,12 @@ import time
 from datetime import UTC, datetime
 
 
+def log_timeline(log, timeline: dict | None) -> None:
+    """The steps a watcher handed over in its event (see ``StatusFilter.timeline``)."""
+    for step, detail, at in (timeline or {}).get("steps", []):
+        log_step(log, step, detail, timeline.get("submitted_at"), at)
+
+
 def log_step(log, step: str, detail: str, submitted_at: float | None, at: float | None = None) -> None:
     at = time.time() if at is None else at
     since = f"+{at - submitted_at:.1f} s" if submitted_at else ""

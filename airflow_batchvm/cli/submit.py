@@ -40,6 +40,7 @@ from airflow_batchvm.cli.common import (
     progress,
     spinner,
 )
+from airflow_batchvm.timeline import log_timeline
 from airflow_batchvm.wire import JOB_ID_MAX_LEN, JOB_ID_PATTERN, JobSpec, LegacyJob
 
 ATTR_IMAGE_REGISTRY = "batchvm-image-registry"
@@ -199,6 +200,7 @@ def submit(
         )
         return
     event = _wait(cloud, names, zone, attempt, gcp_conn_id, liveness_check_seconds)
+    log_timeline(ConsoleLog(err()), event.get("timeline"))  # the last steps, after the ones the watcher printed
     _show(event)
     _clean_up(cloud, names, zone, keep_vm)
     if event["status"] != "FINISHED":

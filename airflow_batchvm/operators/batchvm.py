@@ -34,7 +34,7 @@ from airflow_batchvm.sensors.batchvm import (
     _first_event,
     job_result,
 )
-from airflow_batchvm.timeline import log_step
+from airflow_batchvm.timeline import log_step, log_timeline
 from airflow_batchvm.triggers.batchvm import VM_LOST, BatchVmTasksTrigger
 from airflow_batchvm.wire import VM_NAME_PATTERN, JobSpec, Status
 
@@ -443,6 +443,7 @@ class BatchVmRunJobOperator(JobWaitMixin, BatchVmSubmitJobOperator):
             for key, ended in sorted(event["tasks"].items(), key=lambda item: int(item[0])):
                 index, task = int(key), state["running"].pop(key)
                 task_names = names.task(index)
+                log_timeline(self.log, ended.get("timeline"))
                 if ended.get("log_tail"):
                     self.log.info("----- container log tail (task %d of job %s, VM %s) -----\n%s\n----- end -----",
                                   index, names.job_id, ended.get("vm_name"), ended["log_tail"].rstrip("\n"))

@@ -14,6 +14,7 @@ from airflow.sdk.exceptions import AirflowException
 
 from airflow_batchvm.hooks.batchvm import BatchVmHook, JobNames, vm_attempt_of
 from airflow_batchvm.links.batchvm import BatchVmInstanceLink, BatchVmLogsLink
+from airflow_batchvm.timeline import log_timeline
 from airflow_batchvm.triggers.batchvm import (
     FINAL_LOOK_SECONDS,
     VM_DOWN_STATES,
@@ -119,6 +120,7 @@ class JobWaitMixin:
         vm_attempt = vm_attempt or vm_attempt_of(event.get("vm_name") or "")
         status = event["status"]
         log = self.log  # type: ignore[attr-defined]
+        log_timeline(log, event.get("timeline"))
         if event.get("log_tail"):
             log.info(
                 "----- container log tail (job %s, VM %s) -----\n%s\n----- end of container log tail -----",
@@ -269,7 +271,7 @@ class BatchVmJobSensor(JobWaitMixin, BaseSensorOperator):
         terminal = statuses.take(self.hook.pull_statuses(names, timeout=5.0), self.log)
         self.hook.acknowledge(names, statuses.drain_acks())
         if terminal:
-            event = status_event(names.project_id, terminal, statuses.started)
+            event = status_event(names.project_id, terminal, statuses.started, statuses.timeline())
         else:
             vm = self.hook.get_vm(project_id=names.project_id, zone=self.zone, vm_name=vm_name)
             if vm is not None and vm.status not in VM_DOWN_STATES:
@@ -277,7 +279,7 @@ class BatchVmJobSensor(JobWaitMixin, BaseSensorOperator):
             # The agent publishes before it powers off: one last look before calling the VM lost.
             terminal = statuses.take(self.hook.pull_statuses(names, timeout=FINAL_LOOK_SECONDS), self.log)
             if terminal:
-                event = status_event(names.project_id, terminal, statuses.started)
+                event = status_event(names.project_id, terminal, statuses.started, statuses.timeline())
             else:
                 reason = f"VM {vm_name} is {vm.status if vm else 'DELETED'} and its job reported no terminal status"
                 event = vm_lost_event(names, int(self.attempt), vm_name, self.zone, reason, statuses.started)

@@ -137,8 +137,10 @@ class StatusHub:
                         log.info("Status hub %s is up for %d waits", name.rsplit("/", 1)[-1], len(self.mailboxes))
                     received = await hook.pull(name, timeout=HUB_PULL_SECONDS, max_messages=HUB_MAX_MESSAGES)
                     if received:
-                        await hook.acknowledge_on(name, [item.ack_id for item in received])
+                        # Handed over first: the ack is off the waits' path (each status's durable
+                        # copy is on its job's own subscription anyway).
                         self.dispatch(received)
+                        await hook.acknowledge_on(name, [item.ack_id for item in received])
                     backoff = HUB_RETRY_SECONDS
                 except gexc.NotFound:
                     # Pub/Sub lost it (an emulator restart, an expiry): make a new one, and let every
