@@ -208,10 +208,6 @@ def test_f9_triggerer_stopped_while_the_job_finishes_then_restarted(airflow, api
 # --- F10 ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="Airflow 3.3.2 does not always call the trigger's on_kill on mark-failed (seen: not invoked, or cancelled); passes when it does. Backstops: VM power-off, subscription expiry, batchvm gc. See RELIABILITY.md.",
-)
 def test_f10_mark_failed_while_deferred_deletes_vm_and_subscriptions(airflow, api, cloud):
     cloud.assert_nothing_left(timeout=30)
     run_id = trigger(api, {"sleep_time": 120})
@@ -245,7 +241,16 @@ def test_f10_mark_failed_while_deferred_deletes_vm_and_subscriptions(airflow, ap
         return cloud.vm(vm) is None and not cloud.job_subscriptions()
 
     try:
-        wait_for("the VM and both subscriptions to be deleted", gone, timeout=60)
+        try:
+            wait_for("the VM and both subscriptions to be deleted", gone, timeout=60)
+        except AssertionError:
+            # Airflow 3.3.2 now and then does not call on_kill on mark-failed at all (seen once in
+            # several runs). Then only the backstops act (the VM powers off, the subscriptions
+            # expire, `batchvm gc`): that is Airflow's flake, not ours. Any other failure is ours.
+            said = disk_text(airflow, run_id) + airflow.log_path("triggerer").read_text(errors="replace")
+            if "invoking on_kill" not in said:
+                pytest.xfail("Airflow did not invoke the trigger's on_kill after mark-failed")
+            raise
     finally:
         seconds = time.monotonic() - marked
         with open(airflow.log_path("triggerer"), "rb") as f:
