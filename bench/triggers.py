@@ -61,6 +61,17 @@ class _Delegating(BaseEventTrigger):
     def _events(self, inner: BaseTrigger, shared_stream: AsyncIterator[Any] | None) -> AsyncIterator[TriggerEvent]:
         return inner.run() if shared_stream is None else inner.filter_shared_stream(shared_stream)
 
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        async for event in self._wait(None):
+            yield event
+
+    async def filter_shared_stream(self, shared_stream: AsyncIterator[Any]) -> AsyncIterator[TriggerEvent]:
+        async for event in self._wait(shared_stream):
+            yield event
+
+    def _wait(self, shared_stream: AsyncIterator[Any] | None) -> AsyncIterator[TriggerEvent]:
+        raise NotImplementedError
+
 
 class TimedTrigger(_Delegating):
     """Runs the trigger ``inner`` (a classpath) built from ``inner_kwargs``; records start and yields."""
@@ -90,15 +101,7 @@ class TimedTrigger(_Delegating):
             },
         )
 
-    async def run(self) -> AsyncIterator[TriggerEvent]:
-        async for event in self._timed(None):
-            yield event
-
-    async def filter_shared_stream(self, shared_stream: AsyncIterator[Any]) -> AsyncIterator[TriggerEvent]:
-        async for event in self._timed(shared_stream):
-            yield event
-
-    async def _timed(self, shared_stream: AsyncIterator[Any] | None) -> AsyncIterator[TriggerEvent]:
+    async def _wait(self, shared_stream: AsyncIterator[Any] | None) -> AsyncIterator[TriggerEvent]:
         self._built = inner = _build(self.inner, self.inner_kwargs, self)
         emit("trig_start", v=self.variant, key=self.key)
         async for event in self._events(inner, shared_stream):
@@ -155,14 +158,6 @@ class P3Trigger(_Delegating):
                 "shared_pull": self.shared_pull,
             },
         )
-
-    async def run(self) -> AsyncIterator[TriggerEvent]:
-        async for event in self._wait(None):
-            yield event
-
-    async def filter_shared_stream(self, shared_stream: AsyncIterator[Any]) -> AsyncIterator[TriggerEvent]:
-        async for event in self._wait(shared_stream):
-            yield event
 
     async def _wait(self, shared_stream: AsyncIterator[Any] | None) -> AsyncIterator[TriggerEvent]:
         index = map_index_of(self)
